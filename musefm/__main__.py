@@ -1,0 +1,3 @@
+from musefm.cli import main
+
+raise SystemExit(main())

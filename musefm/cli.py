@@ -1,0 +1,123 @@
+"""The ``musefm`` command: thin dispatch, one subcommand = one function of a module below.
+
+Errors a user can fix (``MusefmError``) are printed as one line and exit with status 2; with
+``--debug`` the traceback is shown too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+from pathlib import Path
+
+from musefm import __version__
+from musefm.errors import MusefmError
+
+
+def _data_build(args) -> int:
+    from musefm.config import apply_overrides, from_dict, load_yaml
+    from musefm.data.build import BuildConfig, build_dataset
+
+    given = {
+        "sources": args.source, "out": args.out, "tokenizer": args.tokenizer, "bpe_vocab_size": args.bpe_vocab,
+        "limit": args.limit, "workers": args.workers, "valid_fraction": args.valid_fraction,
+        "test_fraction": args.test_fraction, "cache_dir": args.cache_dir,
+    }
+    given = {key: value for key, value in given.items() if value is not None}
+    config = load_yaml(BuildConfig, args.config) if args.config else BuildConfig()
+    config = from_dict(BuildConfig, {**vars(config), **given})
+    config = apply_overrides(config, args.overrides)
+    summary = build_dataset(config, overwrite=args.overwrite)
+    print(summary.line())
+    print(f"card: {Path(config.out) / 'card.md'}")
+    return 0
+
+
+def _data_stats(args) -> int:
+    from musefm.data.card import format_stats
+    from musefm.data.dataset import open_dataset
+
+    dataset = open_dataset(args.dir)
+    stats = json.loads((dataset.root / "stats.json").read_text())
+    print(json.dumps(stats, indent=2) if args.json else format_stats(stats))
+    return 0
+
+
+def _data_show(args) -> int:
+    from musefm.data.dataset import open_dataset
+    from musefm.data.tokenize import decode
+    from musefm.viz.pianoroll import plot_pianoroll
+
+    dataset = open_dataset(args.dir)
+    row = dataset.row(args.piece_id)
+    score = decode(dataset.tokenizer, dataset.piece_ids(row))
+    safe_name = "".join(c if c.isalnum() or c in "-_." else "_" for c in args.piece_id)
+    out = Path(args.out) if args.out else dataset.root / "pianorolls" / f"{safe_name}.png"
+    title = f"{row['id']}: {row.get('title') or ''} ({row.get('composer') or 'unknown'}, {row.get('key') or 'key unknown'})"
+    plot_pianoroll(score, out, title=title)
+    print(out)
+    return 0
+
+
+def _demo(args) -> int:
+    from musefm.recipes.demo import run_demo
+
+    run_demo(Path(args.out), quick=args.quick)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="musefm", description="Music foundation models: data, training, use, evaluation.")
+    parser.add_argument("--version", action="version", version=f"musefm {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    data = commands.add_parser("data", help="build and inspect datasets").add_subparsers(dest="data_command", required=True)
+    build = data.add_parser("build", help="sources -> tokenized dataset with splits and a card")
+    build.add_argument("--source", action="append", help="music21:<collection>, dir:<path> or maestro:<path> (repeatable)")
+    build.add_argument("--out", help="dataset directory to write")
+    build.add_argument("--tokenizer", choices=["remi", "tsd", "octuple"])
+    build.add_argument("--bpe-vocab", type=int, help="train BPE up to this vocabulary size")
+    build.add_argument("--limit", type=int, help="read only the first N files of each source")
+    build.add_argument("--workers", type=int, help="worker processes (default: one per core)")
+    build.add_argument("--valid-fraction", type=float)
+    build.add_argument("--test-fraction", type=float)
+    build.add_argument("--cache-dir", help="music21 conversion cache (default ~/.cache/musefm)")
+    build.add_argument("--config", help="YAML file of build settings")
+    build.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    build.add_argument("overrides", nargs="*", help="key=value settings, e.g. tokenizer_settings.num_velocities=16")
+    build.set_defaults(func=_data_build)
+
+    stats = data.add_parser("stats", help="print a dataset's card numbers")
+    stats.add_argument("dir")
+    stats.add_argument("--json", action="store_true")
+    stats.set_defaults(func=_data_stats)
+
+    show = data.add_parser("show", help="piano roll PNG of one piece")
+    show.add_argument("dir")
+    show.add_argument("piece_id")
+    show.add_argument("-o", "--out", help="PNG path (default DIR/pianorolls/PIECE.png)")
+    show.set_defaults(func=_data_show)
+
+    demo = commands.add_parser("demo", help="the main job on the bundled corpus")
+    demo.add_argument("--out", default="runs/demo")
+    demo.add_argument("--quick", action="store_true", help="a smaller run (tests, smoke checks)")
+    demo.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except MusefmError as error:
+        if args.debug:
+            traceback.print_exc()
+        print(f"musefm: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("musefm: interrupted", file=sys.stderr)
+        return 130
