@@ -128,3 +128,30 @@ def test_bad_files_are_rejected_with_reasons(bad_files):
     assert set(reasons) == set(expected)
     for name, start in expected.items():
         assert reasons[name].startswith(start), (name, reasons[name])
+
+
+def test_ties_are_merged_like_a_reader_hears_them():
+    from music21 import chord, note, stream, tie
+
+    part = stream.Part()
+    held = note.Note("C4", quarterLength=1)
+    held.tie = tie.Tie("start")
+    middle = note.Note("C4", quarterLength=1)
+    middle.tie = tie.Tie("continue")
+    end = note.Note("C4", quarterLength=1)
+    end.tie = tie.Tie("stop")
+    unmarked_start = note.Note("E4", quarterLength=1)
+    unmarked_start.tie = tie.Tie("start")
+    unmarked_end = note.Note("E4", quarterLength=2)  # no "stop" written: still the same note
+    fresh = note.Note("E4", quarterLength=1)  # not tied: a new note
+    tied_chord = chord.Chord(["G4", "B4"], quarterLength=1)
+    tied_chord.tie = tie.Tie("start")
+    chord_end = chord.Chord(["G4", "B4"], quarterLength=1)
+    chord_end.tie = tie.Tie("stop")
+    for element in (held, middle, end, unmarked_start, unmarked_end, fresh, tied_chord, chord_end):
+        part.append(element)
+    notes = convert._merge_ties(part.flatten(), pickup=0)
+    tpq = convert.TICKS_PER_QUARTER
+    assert [(s // tpq, d // tpq, p) for s, d, p, _ in notes] == [
+        (0, 3, 60), (3, 3, 64), (6, 1, 64), (7, 2, 67), (7, 2, 71),
+    ]
