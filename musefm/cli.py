@@ -61,6 +61,18 @@ def _data_show(args) -> int:
     return 0
 
 
+def _pretrain(args) -> int:
+    from musefm.recipes.pretrain import load_config, main as pretrain
+
+    flags = {"data": args.data, "out": args.out, "preset": args.preset}
+    config = load_config(args.config, args.model, flags, args.overrides)
+    summary = pretrain(config, resume=args.resume, overwrite=args.overwrite)
+    valid = summary.get("valid") or {}
+    scores = f", valid loss {valid['loss']:.4f} (perplexity {valid['perplexity']:.2f})" if valid else ""
+    print(f"{config.out}: trained to step {summary['step']}{scores}; best model in {config.out}/best")
+    return 0
+
+
 def _demo(args) -> int:
     from musefm.recipes.demo import run_demo
 
@@ -100,6 +112,17 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("piece_id")
     show.add_argument("-o", "--out", help="PNG path (default DIR/pianorolls/PIECE.png)")
     show.set_defaults(func=_data_show)
+
+    pretrain = commands.add_parser("pretrain", help="self-supervised pretraining (torchrun for several processes)")
+    pretrain.add_argument("--model", choices=["music-lm", "music-bert"], help="model family")
+    pretrain.add_argument("--data", help="dataset directory (musefm data build)")
+    pretrain.add_argument("--preset", help="named size: debug, small, base")
+    pretrain.add_argument("--out", help="run directory")
+    pretrain.add_argument("--config", help="YAML config file, or the name of a shipped one (e.g. music_lm_small)")
+    pretrain.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    pretrain.add_argument("--overwrite", action="store_true", help="replace the run in --out")
+    pretrain.add_argument("overrides", nargs="*", help="key=value, e.g. train.lr=1e-3 model_settings.d_model=128")
+    pretrain.set_defaults(func=_pretrain)
 
     demo = commands.add_parser("demo", help="the main job on the bundled corpus")
     demo.add_argument("--out", default="runs/demo")
