@@ -119,18 +119,35 @@ def _parse_override(text: str) -> tuple[list[str], object]:
 
 
 def apply_overrides(config, overrides: list[str]):
-    """A copy of ``config`` with dotted ``key=value`` overrides applied and validated."""
+    """A copy of ``config`` with dotted ``key=value`` overrides applied and validated.
+
+    Keys must name fields of the dataclasses; below a field typed ``dict`` (free-form settings
+    such as ``model_settings``) any key may be set, and the receiving code validates it.
+    """
     data = to_dict(config)
     for text in overrides:
         path, value = _parse_override(text)
-        node = data
-        for depth, part in enumerate(path[:-1]):
+        node, schema = data, type(config)
+        for depth, part in enumerate(path):
+            name = ".".join(path[: depth + 1])
+            is_last = depth == len(path) - 1
+            if schema is dict or schema is None:  # free-form mapping: create as needed
+                if is_last:
+                    node[part] = value
+                else:
+                    node = node.setdefault(part, {})
+                continue
+            fields = {f.name: f for f in dataclasses.fields(schema)}
+            if part not in fields:
+                raise ConfigError(f"unknown config key {name} (known: {', '.join(sorted(fields))})")
+            if is_last:
+                node[part] = value
+                break
+            field_type = typing.get_type_hints(schema)[part]
+            schema = field_type if dataclasses.is_dataclass(field_type) else (dict if typing.get_origin(field_type) is dict or field_type is dict else None)
             if not isinstance(node.get(part), dict):
-                raise ConfigError(f"unknown config key {'.'.join(path[: depth + 1])}")
+                raise ConfigError(f"config key {name} has no sub-keys")
             node = node[part]
-        if path[-1] not in node:
-            raise ConfigError(f"unknown config key {'.'.join(path)} (known: {', '.join(sorted(node))})")
-        node[path[-1]] = value
     return from_dict(type(config), data)
 
 

@@ -5,7 +5,11 @@ def test_quick_demo_writes_dataset_card_and_report(tmp_path, cache_dir, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--out", str(out)]) == 0
     report = (out / "report.md").read_text()
-    assert "held-out" in report and (out / "heldout_pianoroll.png").stat().st_size > 5000
+    assert "## Pretraining" in report and "## A continuation" in report and "Validation loss" in report
+    for name in ("continuation.png", "loss_curve.png"):
+        assert (out / name).stat().st_size > 5000, name
+    assert (out / "continuation.mid").stat().st_size > 50
+    assert (out / "lm" / "best" / "model.safetensors").is_file()
     card = (out / "data" / "card.md").read_text()
     assert "bach" in card and "oneills1850" in card
     assert "demo written to" in capsys.readouterr().out

@@ -1,15 +1,27 @@
-"""``musefm demo``: the main job on the bundled corpus.
+"""``musefm demo``: the main job on the bundled corpus, start to finish.
 
-Builds the Bach-chorale + folk-tune dataset from the music21 corpus and writes its card and a
-piano roll of a held-out chorale. (Pretraining and generation join this job as they land.)
+1. Build the Bach-chorale + O'Neill's-tunes dataset from the music21 corpus (REMI) and its card.
+2. Pretrain a small MusicLM on it for a bounded time (a finished demo run is reused on re-runs).
+3. Continue the first bars of a held-out chorale by sampling, write MIDI, a WAV rendered with a
+   soundfont, a piano roll (prompt and continuation told apart) and the loss curve.
+4. Write ``report.md`` with the pictures and numbers, and print where it is.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
+import numpy as np
+import torch
+
+from musefm.data.augment import AugmentConfig
 from musefm.data.build import BuildConfig, build_dataset
+from musefm.errors import MusefmError
+from musefm.training.trainer import TrainConfig
+
+PROMPT_BARS = 4
 
 
 def demo_sources(quick: bool) -> tuple[list[str], int]:
@@ -19,30 +31,128 @@ def demo_sources(quick: bool) -> tuple[list[str], int]:
     return ["music21:bach", "music21:oneills1850"], 0
 
 
+def demo_pretrain_config(data_dir: Path, run_dir: Path, quick: bool):
+    from musefm.recipes.pretrain import PretrainConfig
+
+    if quick:
+        train = TrainConfig(max_steps=12, batch_size=4, lr=1e-3, warmup_steps=3, eval_every=6, eval_batches=2,
+                            save_every=6, log_every=3)
+        return PretrainConfig(model="music-lm", preset="debug", data=str(data_dir), out=str(run_dir), seq_len=64,
+                              window="bar", augment=AugmentConfig(transpose=6), train=train)
+    train = TrainConfig(max_steps=3000, max_minutes=5.0, batch_size=16, lr=1e-3, warmup_steps=100, eval_every=100,
+                        eval_batches=8, save_every=100, log_every=10)
+    return PretrainConfig(model="music-lm", preset="small", data=str(data_dir), out=str(run_dir), seq_len=256,
+                          window="bar", augment=AugmentConfig(transpose=6, tempo=0.1, velocity=0.2), train=train)
+
+
+def _train_or_reuse(config, stream) -> dict:
+    """Train the demo model, or reuse the one a previous demo run finished with the same settings."""
+    from musefm.config import to_dict
+    from musefm.recipes.pretrain import main as pretrain
+
+    run_dir = Path(config.out)
+    run_file = run_dir / "run.json"
+    if run_file.exists() and (run_dir / "best" / "config.json").exists():
+        if json.loads(run_file.read_text())["config"] == to_dict(config):
+            print(f"reusing the model trained by an earlier demo run in {run_dir}", file=stream)
+            return {"reused": True}
+    return pretrain(config, overwrite=True, stream=stream)
+
+
+def _prompt_of(ids: np.ndarray, bar_ids: np.ndarray, bars: int) -> np.ndarray:
+    """[BOS] + the tokens of the first ``bars`` bars of a piece."""
+    bar_positions = np.flatnonzero(np.isin(ids, bar_ids))
+    end = bar_positions[bars] if len(bar_positions) > bars else len(ids) // 2
+    return np.concatenate([[1], ids[:end]]).astype(np.int64)
+
+
 def run_demo(out: Path, quick: bool = False, stream=None) -> Path:
+    from musefm.audio.render import render_midi
     from musefm.data.dataset import open_dataset
     from musefm.data.tokenize import decode
+    from musefm.generation.sampling import sample
+    from musefm.models.base import load_pretrained
+    from musefm.training.checkpoint import resolve_model_dir
+    from musefm.training.logging import plot_loss_curve, read_metrics
     from musefm.viz.pianoroll import plot_pianoroll
 
     stream = stream or sys.stderr
-    sources, limit = demo_sources(quick)
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    data_dir = out / "data"
-    summary = build_dataset(BuildConfig(sources=sources, out=str(data_dir), tokenizer="remi", limit=limit), stream=stream)
-    print(summary.line())
 
+    # 1. data
+    data_dir = out / "data"
+    sources, limit = demo_sources(quick)
+    summary = build_dataset(BuildConfig(sources=sources, out=str(data_dir), tokenizer="remi", limit=limit), stream=stream)
+    print(summary.line(), file=stream)
     dataset = open_dataset(data_dir)
-    held_out = [row for row in dataset.rows("test") + dataset.rows("valid") if row["collection"] == "bach"]
-    row = held_out[0] if held_out else dataset.rows()[0]
-    roll = plot_pianoroll(decode(dataset.tokenizer, dataset.piece_ids(row)), out / "heldout_pianoroll.png",
-                          title=f"held-out {row['id']} ({row.get('key')})")
+
+    # 2. pretraining
+    config = demo_pretrain_config(data_dir, out / "lm", quick)
+    _train_or_reuse(config, stream)
+    model, _ = load_pretrained(resolve_model_dir(out / "lm"))
+    run = json.loads((out / "lm" / "run.json").read_text())
+    metrics = read_metrics(out / "lm")
+    valid = [row for row in metrics if row["split"] == "valid"]
+    train = [row for row in metrics if row["split"] == "train"]
+    loss_curve = plot_loss_curve(out / "lm", out / "loss_curve.png")
+
+    # 3. a continuation of a held-out chorale
+    held_out = dataset.rows("test") + dataset.rows("valid")
+    candidates = [r for r in held_out if r["collection"] == "bach"] or held_out
+    # A tiny (--quick) dataset may hold out no chorale: then a training piece is used, and said so.
+    row = candidates[0] if candidates else dataset.rows("train")[0]
+    status = "held-out" if candidates else "training"
+    tokenizer = dataset.tokenizer
+    ids = np.asarray(dataset.piece_ids(row), dtype=np.int64)
+    bar_ids = np.array([i for token, i in tokenizer._vocab_base.items() if token.startswith("Bar_")])
+    prompt = _prompt_of(ids, bar_ids, PROMPT_BARS)
+    new_tokens, log_probs = sample(model, torch.from_numpy(prompt), max_new_tokens=64 if quick else 512,
+                                   temperature=1.0, top_k=0, top_p=0.95, seed=0)
+    body = np.concatenate([prompt[1:], new_tokens.numpy()])
+    body = body[(body > 3)]  # special tokens carry no music
+    continuation = decode(tokenizer, body)
+    prompt_score = decode(tokenizer, prompt[1:])
+    prompt_end = prompt_score.end() / prompt_score.ticks_per_quarter
+    midi_path = out / "continuation.mid"
+    continuation.dump_midi(str(midi_path))
+    roll = plot_pianoroll(continuation, out / "continuation.png", highlight_from_quarter=prompt_end,
+                          title=f"{status} {row['id']}: {PROMPT_BARS} bars of prompt, then MusicLM")
+    try:
+        wav = render_midi(midi_path, out / "continuation.wav")
+        audio_line = f"Listen: [continuation.wav]({wav.name}) (rendered with FluidSynth)."
+    except MusefmError as error:
+        audio_line = f"No audio: {error}."
+
+    # 4. report
+    last_valid = valid[-1] if valid else {}
+    tokens_per_s = np.mean([r["tokens_per_s"] for r in train if "tokens_per_s" in r]) if train else float("nan")
     report = out / "report.md"
-    report.write_text(
-        "# musefm demo\n\n"
-        f"Dataset: `{data_dir}` ({summary.pieces} pieces, {summary.tokens:,} REMI tokens, "
-        f"{summary.rejected} rejected). Its card: [card.md](data/card.md).\n\n"
-        f"![collections](data/card/collections.png)\n\n![keys and meters](data/card/keys_meters.png)\n\n"
-        f"A held-out chorale, `{row['id']}`, decoded from its tokens:\n\n![held-out piece]({roll.name})\n"
-    )
+    report.write_text("\n".join([
+        "# musefm demo",
+        "",
+        "## Data",
+        f"`{data_dir}`: {summary.pieces:,} pieces ({', '.join(f'{k} {v}' for k, v in summary.splits.items())}), "
+        f"{summary.tokens:,} REMI tokens, {summary.rejected} rejected. Dataset card: [card.md](data/card.md).",
+        "",
+        "![collections](data/card/collections.png)",
+        "",
+        "## Pretraining",
+        f"MusicLM `{config.preset}` ({run['parameters']:,} parameters, context {config.seq_len}), "
+        f"{train[-1]['step'] if train else 0} steps, about {tokens_per_s:,.0f} training tokens/s on this machine. "
+        + (f"Validation loss {last_valid['loss']:.3f} nats/token, perplexity {last_valid['perplexity']:.2f}, "
+           f"next-token accuracy {last_valid['accuracy']:.3f}." if last_valid else ""),
+        "",
+        f"![loss curve]({loss_curve.name})" if loss_curve else "",
+        "",
+        "## A continuation",
+        f"The first {PROMPT_BARS} bars of the {status} piece `{row['id']}` ({row.get('key')}), continued by "
+        f"sampling (top-p 0.95): {len(new_tokens)} new tokens, mean log-probability "
+        f"{float(log_probs.mean()) if len(log_probs) else float('nan'):.2f}, "
+        f"{continuation.note_num()} notes in all. MIDI: [continuation.mid]({midi_path.name}). {audio_line}",
+        "",
+        f"![continuation]({roll.name})",
+        "",
+    ]))
     print(f"demo written to {report}")
     return report

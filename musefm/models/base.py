@@ -1,0 +1,140 @@
+"""What every model family shares: a config dataclass, named presets, save/from_pretrained.
+
+A saved model is a directory: ``config.json`` (family, hyperparameters, versions) and
+``model.safetensors`` (weights only: loading never unpickles anything). Both are written into a
+temporary directory that is renamed into place, so a crash never leaves a half-written model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from musefm.config import from_dict
+from musefm.errors import MusefmError
+
+FAMILIES = {
+    "music-lm": "musefm.models.music_lm:MusicLM",
+    "music-bert": "musefm.models.music_bert:MusicBERT",
+}
+
+
+def family_class(family: str):
+    if family not in FAMILIES:
+        raise MusefmError(f"unknown model family {family!r} (known: {', '.join(FAMILIES)})")
+    module, name = FAMILIES[family].split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def atomic_directory(final: Path):
+    """A fresh temporary directory beside ``final``; ``commit_directory`` renames it into place."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+
+
+def commit_directory(temporary: Path, final: Path) -> None:
+    """Replace ``final`` by ``temporary`` (old contents removed only once the new ones are whole)."""
+    final = Path(final)
+    if final.exists():
+        trash = Path(tempfile.mkdtemp(prefix=f".{final.name}.old.", dir=final.parent))
+        os.replace(final, trash / final.name)
+        os.replace(temporary, final)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(temporary, final)
+
+
+def versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    import musefm
+
+    found = {"musefm": musefm.__version__, "torch": torch.__version__}
+    for package in ("miditok", "symusic"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            pass
+    return found
+
+
+class PretrainedModel(nn.Module):
+    """Base of every model family. Subclasses set ``family`` and ``config_class``."""
+
+    family: str = ""
+    config_class: type = object
+
+    def write_files(self, directory: Path) -> None:
+        """Write config.json and model.safetensors into an existing directory."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        # Tied weights are stored once (under their owner's name); clones share no memory, which
+        # safetensors requires.
+        tied = set(getattr(self, "tied_weight_names", ()))
+        unique = {name: tensor.detach().cpu().contiguous().clone()
+                  for name, tensor in self.state_dict().items() if name not in tied}
+        save_file(unique, str(directory / "model.safetensors"))
+        config = {"family": self.family, "config": dataclasses.asdict(self.config), "versions": versions()}
+        (directory / "config.json").write_text(json.dumps(config, indent=2))
+
+    def save_pretrained(self, directory) -> Path:
+        directory = Path(directory)
+        temporary = atomic_directory(directory)
+        try:
+            self.write_files(temporary)
+        except BaseException:
+            shutil.rmtree(temporary, ignore_errors=True)
+            raise
+        commit_directory(temporary, directory)
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory, map_location: str = "cpu"):
+        model, _ = load_pretrained(directory, map_location, expected=cls)
+        return model
+
+
+def read_model_config(directory) -> dict:
+    directory = Path(directory)
+    path = directory / "config.json"
+    if not path.is_file():
+        raise MusefmError(f"{directory}: not a musefm model (no config.json)")
+    try:
+        data = json.loads(path.read_text())
+        family = data["family"]
+    except (ValueError, KeyError):
+        raise MusefmError(f"{path}: not a musefm model config") from None
+    return data | {"family": family}
+
+
+def load_pretrained(directory, map_location: str = "cpu", expected: type | None = None):
+    """Model of whatever family ``directory`` holds, and its config.json contents."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    data = read_model_config(directory)
+    cls = family_class(data["family"])
+    if expected is not None and expected is not PretrainedModel and not issubclass(cls, expected):
+        raise MusefmError(f"{directory}: holds a {data['family']} model, not a {expected.family} model")
+    config = from_dict(cls.config_class, data["config"])
+    model = cls(config)
+    weights = directory / "model.safetensors"
+    if not weights.is_file():
+        raise MusefmError(f"{directory}: model.safetensors is missing")
+    state = load_file(str(weights), device=map_location)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = set(getattr(model, "tied_weight_names", ()))
+    missing = [name for name in missing if name not in tied]
+    if missing or unexpected:
+        raise MusefmError(f"{weights}: weights do not match the config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return model.to(map_location), data

@@ -1,0 +1,299 @@
+"""The training loop shared by every recipe: AdamW, warmup + cosine, clipping, accumulation,
+autocast, validation, checkpoints, exact resume, and DDP through the same code path.
+
+A model family provides ``loss(batch) -> (loss, metrics, state)``; the trainer does the rest.
+Batches are drawn by ``EpochBatches``: a permutation that depends only on (seed, epoch), cut into
+global batches, each rank taking its slice. Together with the dataset's (seed, epoch, index)
+windows and the saved RNG states, a resumed run takes exactly the steps the uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+
+from musefm.errors import MusefmError
+from musefm.training import checkpoint as ckpt
+from musefm.training.distributed import DistributedContext, barrier, broadcast_flag, mean_across_ranks
+from musefm.training.logging import RunLogger, plot_loss_curve
+from musefm.training.seed import rng_state, set_rng_state
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 2000
+    max_minutes: float = 0.0  # stop (and save) after this wall time; 0 = no limit
+    batch_size: int = 16  # sequences per optimizer step, summed over ranks and accumulation
+    grad_accum: int = 1
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 = no clipping
+    eval_every: int = 200
+    eval_batches: int = 50
+    save_every: int = 200
+    keep_last: int = 2
+    log_every: int = 10
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
+    device: str = "auto"
+    seed: int = 0
+
+    def validate(self) -> None:
+        for name in ("max_steps", "batch_size", "grad_accum", "eval_every", "save_every", "log_every", "keep_last"):
+            if getattr(self, name) < 1:
+                raise MusefmError(f"train.{name} must be >= 1")
+        if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1 or self.warmup_steps < 0:
+            raise MusefmError("train.lr must be > 0, train.min_lr_ratio in [0, 1], train.warmup_steps >= 0")
+
+
+def learning_rate(step: int, config: TrainConfig) -> float:
+    """Linear warmup to ``lr``, then cosine decay to ``lr * min_lr_ratio`` at ``max_steps``."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    progress = min(1.0, (step - config.warmup_steps) / max(1, config.max_steps - config.warmup_steps))
+    floor = config.lr * config.min_lr_ratio
+    return floor + 0.5 * (config.lr - floor) * (1 + math.cos(math.pi * progress))
+
+
+class EpochBatches:
+    """Global batches of item indices for one epoch; rank ``r`` of ``w`` takes its slice of each."""
+
+    def __init__(self, num_items: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world_size: int = 1):
+        if batch_size % world_size:
+            raise MusefmError(f"train.batch_size={batch_size} must be divisible by the {world_size} processes")
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        order = torch.randperm(num_items, generator=generator)
+        if num_items < batch_size:  # tiny datasets: repeat the permutation to fill one batch
+            order = order.repeat(math.ceil(batch_size / max(1, num_items)))[:batch_size]
+        self.batches = [order[i : i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)]
+        self.share = batch_size // world_size
+        self.rank = rank
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def rank_indices(self, batch_number: int) -> list[int]:
+        batch = self.batches[batch_number]
+        return batch[self.rank * self.share : (self.rank + 1) * self.share].tolist()
+
+
+def collate(items: list[dict]) -> dict:
+    return {key: torch.stack([item[key] for item in items]) for key in items[0]}
+
+
+class _LossModule(nn.Module):
+    """Lets DDP see ``model.loss`` as its forward, so gradient syncing works as designed."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict):
+        return self.model.loss(batch)
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+
+
+class Trainer:
+    def __init__(self, model, train_data, valid_data, config: TrainConfig, run_dir: Path, tokenizer_path: Path,
+                 context: DistributedContext | None = None, stream=None):
+        self.model, self.train_data, self.valid_data = model, train_data, valid_data
+        self.config, self.run_dir, self.tokenizer_path = config, Path(run_dir), Path(tokenizer_path)
+        self.context = context or DistributedContext()
+        self.device = self.context.device
+        self.model.to(self.device)
+        use_bf16 = config.precision == "bf16" or (config.precision == "auto" and self.device.type == "cuda")
+        self.autocast_dtype = torch.bfloat16 if use_bf16 else None
+        self.loss_module = _LossModule(self.model)
+        if self.context.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self.loss_module = DistributedDataParallel(self.loss_module, device_ids=device_ids)
+        decay = [p for n, p in self.model.named_parameters() if p.requires_grad and p.dim() >= 2]
+        no_decay = [p for n, p in self.model.named_parameters() if p.requires_grad and p.dim() < 2]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=config.lr, betas=(config.beta1, config.beta2),
+        )
+        self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
+        self.best_valid_loss = float("inf")
+        self.logger = RunLogger(self.run_dir, enabled=self.context.is_main, total_steps=config.max_steps, stream=stream)
+
+    # ---- state -------------------------------------------------------------------------
+
+    def train_state(self) -> dict:
+        return {
+            "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+            "best_valid_loss": self.best_valid_loss, "optimizer": self.optimizer.state_dict(), "rng": rng_state(),
+        }
+
+    def resume(self, checkpoint: Path) -> None:
+        """Continue from a checkpoint exactly: weights, optimizer, RNG, step and data position."""
+        from safetensors.torch import load_file
+
+        state = ckpt.load_train_state(checkpoint)
+        weights = load_file(str(Path(checkpoint) / "model.safetensors"), device=str(self.device))
+        self.model.load_state_dict(weights, strict=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        set_rng_state(state["rng"])
+        self.step, self.epoch = int(state["step"]), int(state["epoch"])
+        self.batch_in_epoch, self.best_valid_loss = int(state["batch_in_epoch"]), float(state["best_valid_loss"])
+        self.logger.message(f"resumed from {checkpoint} at step {self.step}")
+
+    def save(self) -> Path | None:
+        path = None
+        if self.context.is_main:
+            path = ckpt.save_checkpoint(self.run_dir, self.step, self.model, self.tokenizer_path, self.train_state(),
+                                        self.config.keep_last)
+        barrier(self.context)
+        return path
+
+    # ---- steps -------------------------------------------------------------------------
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return torch.autocast(self.device.type, enabled=False)
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def _epoch_batches(self) -> EpochBatches:
+        return EpochBatches(len(self.train_data), self.config.batch_size, self.config.seed, self.epoch,
+                            self.context.rank, self.context.world_size)
+
+    def train_step(self, batches: EpochBatches) -> dict:
+        """One optimizer step over this rank's share of global batch ``batch_in_epoch``."""
+        config = self.config
+        self.train_data.set_epoch(self.epoch)
+        indices = batches.rank_indices(self.batch_in_epoch)
+        micro = [indices[i::config.grad_accum] for i in range(config.grad_accum)]
+        micro = [chunk for chunk in micro if chunk]
+        lr = learning_rate(self.step, config)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.model.train()
+        totals = {"loss": 0.0, "tokens": 0, "correct": 0.0}
+        for number, chunk in enumerate(micro):
+            batch = _to_device(collate([self.train_data[i] for i in chunk]), self.device)
+            sync = number == len(micro) - 1
+            context = self.loss_module.no_sync() if self.context.enabled and not sync else _null_context()
+            with context:
+                with self._autocast():
+                    loss, metrics, _ = self.loss_module(batch)
+                (loss / len(micro)).backward()
+            totals["loss"] += float(metrics["loss"]) * metrics["tokens"]
+            totals["tokens"] += int(metrics["tokens"])
+            totals["correct"] += float(metrics.get("accuracy", 0.0)) * metrics["tokens"]
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip if config.grad_clip > 0 else float("inf"))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        tokens = max(1, totals["tokens"])
+        result = {"loss": totals["loss"] / tokens, "accuracy": totals["correct"] / tokens, "tokens": totals["tokens"],
+                  "grad_norm": float(grad_norm), "lr": lr}
+        return mean_across_ranks(result, self.context, weights_key="tokens")
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Token-weighted loss, perplexity and accuracy over the first ``eval_batches`` valid batches."""
+        if self.valid_data is None or len(self.valid_data) == 0:
+            return {}
+        self.model.eval()
+        size = max(1, self.config.batch_size // self.context.world_size)
+        total_loss = total_correct = 0.0
+        total_tokens = 0
+        count = min(len(self.valid_data), self.config.eval_batches * size * self.context.world_size)
+        mine = list(range(self.context.rank, count, self.context.world_size))
+        for start in range(0, len(mine), size):
+            batch = _to_device(collate([self.valid_data[i] for i in mine[start : start + size]]), self.device)
+            with self._autocast():
+                _, metrics, _ = self.model.loss(batch)
+            total_loss += float(metrics["loss"]) * metrics["tokens"]
+            total_correct += float(metrics.get("accuracy", 0.0)) * metrics["tokens"]
+            total_tokens += int(metrics["tokens"])
+        result = {"loss": total_loss / max(1, total_tokens), "accuracy": total_correct / max(1, total_tokens),
+                  "tokens": total_tokens}
+        result = mean_across_ranks(result, self.context, weights_key="tokens")
+        result["perplexity"] = math.exp(min(result["loss"], 50.0))
+        return result
+
+    def _validate_and_keep_best(self) -> dict:
+        metrics = self.evaluate()
+        if metrics:
+            self.logger.log(self.step, "valid", metrics)
+            self.logger.message(f"step {self.step}: valid loss {metrics['loss']:.4f}, perplexity "
+                                f"{metrics['perplexity']:.2f}, accuracy {metrics['accuracy']:.3f}")
+            if metrics["loss"] < self.best_valid_loss:
+                self.best_valid_loss = metrics["loss"]
+                if self.context.is_main:
+                    ckpt.save_best(self.run_dir, self.model, self.tokenizer_path, {"step": self.step, **metrics})
+                barrier(self.context)
+        return metrics
+
+    def fit(self) -> dict:
+        """Train until max_steps (or max_minutes); returns the last train and valid metrics."""
+        config = self.config
+        started = time.monotonic()
+        batches = self._epoch_batches()
+        if len(batches) == 0:
+            raise MusefmError("the training split has fewer windows than one batch")
+        last_train, last_valid = {}, {}
+        window_started, window_tokens = time.monotonic(), 0
+        try:
+            while self.step < config.max_steps:
+                if self.batch_in_epoch >= len(batches):
+                    self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+                    batches = self._epoch_batches()
+                metrics = self.train_step(batches)
+                if not math.isfinite(metrics["loss"]):
+                    raise MusefmError(
+                        f"training stopped: the loss became {metrics['loss']} at step {self.step + 1} "
+                        f"(lr {metrics['lr']:.3g}); lower train.lr or keep train.grad_clip on. "
+                        "The last checkpoint is intact."
+                    )
+                self.step += 1
+                self.batch_in_epoch += 1
+                window_tokens += metrics["tokens"]
+                last_train = metrics
+                if self.step % config.log_every == 0 or self.step == config.max_steps:
+                    elapsed = time.monotonic() - window_started
+                    metrics["tokens_per_s"] = window_tokens / elapsed if elapsed > 0 else 0.0
+                    window_started, window_tokens = time.monotonic(), 0
+                    self.logger.log(self.step, "train", metrics)
+                    self.logger.progress(self.step, metrics)
+                out_of_time = config.max_minutes > 0 and time.monotonic() - started > 60 * config.max_minutes
+                out_of_time = broadcast_flag(out_of_time, self.context)
+                if self.step % config.eval_every == 0 or self.step == config.max_steps or out_of_time:
+                    last_valid = self._validate_and_keep_best() or last_valid
+                if self.step % config.save_every == 0 or self.step == config.max_steps or out_of_time:
+                    self.save()
+                if out_of_time:
+                    self.logger.message(f"time limit of {config.max_minutes} min reached at step {self.step}")
+                    break
+        except KeyboardInterrupt:
+            path = self.save()
+            self.logger.message(f"interrupted at step {self.step}: checkpoint saved to {path}")
+            raise
+        finally:
+            if self.context.is_main:
+                plot_loss_curve(self.run_dir)
+            self.logger.close()
+        return {"step": self.step, "train": last_train, "valid": last_valid,
+                "best_valid_loss": self.best_valid_loss, "seconds": time.monotonic() - started}
+
+
+class _null_context:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
