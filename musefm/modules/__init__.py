@@ -1,0 +1,1 @@
+"""Reusable layers: attention with KV cache, positions (RoPE, relative), transformer blocks and XL memory."""
