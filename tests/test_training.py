@@ -41,7 +41,7 @@ def long_pieces(tmp_path_factory):
 
 def _config(data, out, **train):
     settings = dict(max_steps=6, batch_size=4, lr=2e-3, warmup_steps=2, eval_every=3, eval_batches=2, save_every=2,
-                    log_every=1, seed=3)
+                    log_every=1, seed=3, precision="fp32")
     settings.update(train)
     return PretrainConfig(model="music-lm", preset="debug", data=str(data), out=str(out), seq_len=32,
                           model_settings={"dropout": 0.0}, train=TrainConfig(**settings))
@@ -114,7 +114,8 @@ def _cli(*args, env=None, **kwargs):
 def _pretrain_args(data, out, steps=8):
     return ["pretrain", "--model", "music-lm", "--preset", "debug", "--data", str(data), "--out", str(out),
             "seq_len=32", "model_settings.dropout=0.0", f"train.max_steps={steps}", "train.batch_size=4",
-            "train.save_every=1", "train.eval_every=100", "train.log_every=1", "train.warmup_steps=2", "train.seed=5"]
+            "train.save_every=1", "train.eval_every=100", "train.log_every=1", "train.warmup_steps=2", "train.seed=5",
+            "train.precision=fp32"]
 
 
 def test_sigkill_then_resume_equals_uninterrupted(long_pieces, tmp_path):
@@ -139,12 +140,20 @@ def test_sigkill_then_resume_equals_uninterrupted(long_pieces, tmp_path):
         torch.testing.assert_close(whole[name], resumed[name], rtol=0, atol=0)
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def test_two_process_ddp_matches_one_process(long_pieces, tmp_path):
     data, _ = long_pieces
     args = _pretrain_args(data, tmp_path / "one", steps=3)
     assert _cli(*args).returncode == 0
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    two = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
+    two = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
            "-m", "musefm", *_pretrain_args(data, tmp_path / "two", steps=3)]
     result = subprocess.run(two, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -45,7 +45,10 @@ class MusicLMConfig:
     n_layers: int = 4
     n_heads: int = 4
     d_ff: int = 1024
-    dropout: float = 0.1
+    dropout: float = 0.1  # on embeddings and residual branches
+    # Dropout on attention weights: off by default. It forces scaled_dot_product_attention onto its
+    # slow math path (a (B, H, T, T) mask; no flash kernel) for little regularisation benefit.
+    attention_dropout: float = 0.0
     max_seq_len: int = 512  # training context (segment length); positions themselves are unbounded
     position: Literal["rope", "relative"] = "rope"
     memory_len: int = 0  # Transformer-XL memory rows per layer; 0 = no memory
@@ -70,6 +73,8 @@ class MusicLMConfig:
             raise MusefmError(f"n_heads: rope needs an even head size, d_model/n_heads = {self.d_model // self.n_heads}")
         if not 0.0 <= self.dropout < 1.0:
             raise MusefmError(f"dropout: must be in [0, 1), got {self.dropout}")
+        if not 0.0 <= self.attention_dropout < 1.0:
+            raise MusefmError(f"attention_dropout: must be in [0, 1), got {self.attention_dropout}")
         if self.memory_len < 0:
             raise MusefmError(f"memory_len: must be 0 (no memory) or more, got {self.memory_len}")
         if self.rope_base <= 1.0:
@@ -117,7 +122,7 @@ class MusicLM(PretrainedModel):
         self.rotary = RotaryEmbedding(head_dim, config.rope_base) if config.position == "rope" else None
         self.blocks = nn.ModuleList(
             TransformerBlock(config.d_model, config.n_heads, config.d_ff, config.dropout, config.position,
-                             config.max_relative, causal=True)
+                             config.max_relative, causal=True, attention_dropout=config.attention_dropout)
             for _ in range(config.n_layers)
         )
         self.final_norm = nn.LayerNorm(config.d_model)

@@ -32,10 +32,12 @@ class TransformerBlock(nn.Module):
     """x + Attention(LN(x)), then x + MLP(LN(x)); memory rows go through the same LayerNorm."""
 
     def __init__(self, d_model: int, n_heads: int, d_ff: int, dropout: float = 0.0, position: str = "rope",
-                 max_relative: int = 0, causal: bool = True):
+                 max_relative: int = 0, causal: bool = True, attention_dropout: float | None = None):
         super().__init__()
         self.attention_norm = nn.LayerNorm(d_model)
-        self.attention = MultiHeadSelfAttention(d_model, n_heads, dropout, position, max_relative, causal)
+        # Dropout on attention weights defaults to the residual rate; MusicLM turns it off (see there).
+        attention_dropout = dropout if attention_dropout is None else attention_dropout
+        self.attention = MultiHeadSelfAttention(d_model, n_heads, attention_dropout, position, max_relative, causal)
         self.mlp_norm = nn.LayerNorm(d_model)
         self.mlp = MLP(d_model, d_ff)
         self.residual_dropout = nn.Dropout(dropout)

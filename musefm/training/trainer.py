@@ -43,7 +43,9 @@ class TrainConfig:
     save_every: int = 200
     keep_last: int = 2
     log_every: int = 10
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
+    # auto: bf16 autocast on GPUs and on CPUs with native bf16 matrix units (avx512_bf16 / AMX), where a
+    # bf16 matmul runs several times faster than fp32; fp32 elsewhere. Weights stay fp32 either way.
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     device: str = "auto"
     seed: int = 0
 
@@ -53,6 +55,15 @@ class TrainConfig:
                 raise MusefmError(f"train.{name} must be >= 1")
         if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1 or self.warmup_steps < 0:
             raise MusefmError("train.lr must be > 0, train.min_lr_ratio in [0, 1], train.warmup_steps >= 0")
+
+
+def cpu_has_native_bf16() -> bool:
+    """True on x86 CPUs with avx512_bf16 or AMX-BF16 (read from /proc/cpuinfo on Linux)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def learning_rate(step: int, config: TrainConfig) -> float:
@@ -113,7 +124,8 @@ class Trainer:
         self.context = context or DistributedContext()
         self.device = self.context.device
         self.model.to(self.device)
-        use_bf16 = config.precision == "bf16" or (config.precision == "auto" and self.device.type == "cuda")
+        use_bf16 = config.precision == "bf16" or (
+            config.precision == "auto" and (self.device.type == "cuda" or cpu_has_native_bf16()))
         self.autocast_dtype = torch.bfloat16 if use_bf16 else None
         self.loss_module = _LossModule(self.model)
         if self.context.enabled:
