@@ -218,3 +218,22 @@ def test_shipped_configs_are_valid(path, long_pieces):
     model_config = model_config_for(config, dataset.tokenizer)
     model_config.validate()
     assert config.train.max_steps >= 1
+
+
+def test_bf16_autocast_training_runs(long_pieces, tmp_path):
+    data, _ = long_pieces
+    summary = pretrain(_config(data, tmp_path / "bf16", precision="bf16", max_steps=4), stream=open(os.devnull, "w"))
+    assert summary["step"] == 4 and math.isfinite(summary["train"]["loss"])
+
+
+def test_music_bert_pretrains(long_pieces, tmp_path):
+    _, octuple = long_pieces
+    config = PretrainConfig(model="music-bert", preset="debug", data=str(octuple), out=str(tmp_path / "bert"), seq_len=32,
+                            train=TrainConfig(max_steps=4, batch_size=4, eval_every=2, eval_batches=1, save_every=2,
+                                              precision="fp32"))
+    summary = pretrain(config, stream=open(os.devnull, "w"))
+    assert summary["step"] == 4 and 0 <= summary["valid"]["accuracy"] <= 1
+    from musefm.models.base import load_pretrained
+
+    model, data = load_pretrained(resolve_model_dir(tmp_path / "bert"))
+    assert data["family"] == "music-bert" and model.config.field_names[0] == "Pitch"
