@@ -110,3 +110,14 @@ def bad_files(tmp_path_factory) -> Path:
     long.tracks[0].notes.append(Note(0, 2_000_000_000, 60, 80))
     long.dump_midi(str(root / "absurd_duration.mid"))
     return root
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: one thread is as fast, and immune to the thrashing of busy shared cores."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

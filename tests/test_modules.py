@@ -14,13 +14,7 @@ D_MODEL, HEADS = 16, 2
 HEAD_DIM = D_MODEL // HEADS
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is as fast, and immune to the thrashing of busy shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def brute_force_relative(queries, table: RelativePositionEmbedding, key_length: int) -> torch.Tensor:

@@ -12,13 +12,7 @@ SIZES = [40, 20, 16, 12, 18, 10, 9, 8]
 BAR = FIELDS.index("bar")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is as fast, and immune to the thrashing of busy shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(masking="bar", position="rope", seed=0, **overrides) -> MusicBERT:

@@ -15,13 +15,7 @@ VOCAB = 40
 POSITIONS = ["rope", "relative"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is as fast, and immune to the thrashing of busy shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(position="rope", seed=0, **overrides) -> MusicLM:

@@ -236,4 +236,4 @@ def test_music_bert_pretrains(long_pieces, tmp_path):
     from musefm.models.base import load_pretrained
 
     model, data = load_pretrained(resolve_model_dir(tmp_path / "bert"))
-    assert data["family"] == "music-bert" and model.config.field_names[0] == "Pitch"
+    assert data["family"] == "music-bert" and model.config.field_names[0] == "pitch"

@@ -27,6 +27,13 @@ FAMILIES = {
 }
 
 
+def config_from_presets(presets: dict, name: str, family: str, **overrides):
+    """Preset ``name``'s config with ``overrides`` applied and validated (unknown keys are named)."""
+    if name not in presets:
+        raise MusefmError(f"unknown {family} preset {name!r} (choose from {', '.join(presets)})")
+    return from_dict(type(presets[name]), dataclasses.asdict(presets[name]) | overrides)
+
+
 def family_class(family: str):
     if family not in FAMILIES:
         raise MusefmError(f"unknown model family {family!r} (known: {', '.join(FAMILIES)})")

@@ -23,7 +23,6 @@ without them is valid as a config, and building a model requires them.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Literal
@@ -32,9 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from musefm.config import from_dict
 from musefm.errors import MusefmError
-from musefm.models.base import PretrainedModel
+from musefm.models.base import PretrainedModel, config_from_presets
 from musefm.modules.attention import build_attention_mask
 from musefm.modules.positions import RotaryEmbedding
 from musefm.modules.transformer import TransformerBlock
@@ -137,9 +135,7 @@ PRESETS = {
 
 def config_from_preset(name: str, **overrides) -> MusicBERTConfig:
     """A preset's config with ``overrides`` applied and validated (unknown keys are named)."""
-    if name not in PRESETS:
-        raise MusefmError(f"unknown music-bert preset {name!r} (choose from {', '.join(PRESETS)})")
-    return from_dict(MusicBERTConfig, dataclasses.asdict(PRESETS[name]) | overrides)
+    return config_from_presets(PRESETS, name, "music-bert", **overrides)
 
 
 @dataclass

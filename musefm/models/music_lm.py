@@ -19,7 +19,6 @@ new memory rows are real, and marks padded keys in a cache (a left-padded prompt
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -28,9 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from musefm.config import from_dict
 from musefm.errors import MusefmError
-from musefm.models.base import PretrainedModel
+from musefm.models.base import PretrainedModel, config_from_presets
 from musefm.modules.attention import KVCache, build_attention_mask
 from musefm.modules.positions import RotaryEmbedding
 from musefm.modules.transformer import TransformerBlock, next_memory, next_memory_mask
@@ -95,9 +93,7 @@ PRESETS = {
 
 def config_from_preset(name: str, **overrides) -> MusicLMConfig:
     """A preset's config with ``overrides`` applied and validated (unknown keys are named)."""
-    if name not in PRESETS:
-        raise MusefmError(f"unknown music-lm preset {name!r} (choose from {', '.join(PRESETS)})")
-    return from_dict(MusicLMConfig, dataclasses.asdict(PRESETS[name]) | overrides)
+    return config_from_presets(PRESETS, name, "music-lm", **overrides)
 
 
 @dataclass

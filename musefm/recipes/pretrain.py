@@ -64,23 +64,16 @@ def model_config_for(config: PretrainConfig, tokenizer):
     else:
         if not tokenizer.is_multi_voc:
             raise MusefmError("music-bert needs an octuple dataset (musefm data build --tokenizer octuple)")
-        names = [_field_name(v) for v in tokenizer.vocab]
-        vocabulary = {"field_names": names, "field_vocab_sizes": [len(v) for v in tokenizer.vocab]}
+        from musefm.models.music_bert import octuple_fields
+
+        names, sizes = octuple_fields(tokenizer)
+        vocabulary = {"field_names": names, "field_vocab_sizes": sizes}
     settings = {**vocabulary, **config.model_settings}
     known = {f.name for f in dataclasses.fields(module.PRESETS[config.preset].__class__)}
     unknown = sorted(set(config.model_settings) - known)
     if unknown:
         raise MusefmError(f"unknown config key model_settings.{unknown[0]} for {config.model} (known: {', '.join(sorted(known))})")
     return module.config_from_preset(config.preset, **settings)
-
-
-def _field_name(vocab: dict) -> str:
-    """An Octuple field's name: the type of its non-special tokens (Pitch, Position, Bar, ...)."""
-    for token in vocab:
-        kind = token.split("_")[0]
-        if kind not in ("PAD", "BOS", "EOS", "MASK"):
-            return kind
-    return "field"
 
 
 def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> dict | None:
