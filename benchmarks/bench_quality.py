@@ -106,10 +106,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--minutes", type=float, default=12.0, help="training time of each model")
+    parser.add_argument("--steps-per-minute", type=float, default=40.0,
+                        help="sets max_steps so the cosine schedule ends near the time limit (2-core CPU, bf16)")
     parser.add_argument("--work", default="runs/bench-quality")
     parser.add_argument("--skip-bert", action="store_true")
     args = parser.parse_args()
     minutes = 1.5 if args.quick else args.minutes
+    steps = max(20, int(minutes * args.steps_per_minute))
+    limits = [f"train.max_minutes={minutes * 1.3}", f"train.max_steps={steps}", "train.eval_every=100",
+              "train.save_every=100", "train.log_every=25", f"train.warmup_steps={max(5, steps // 10)}"]
     work = Path(args.work)
 
     remi = open_dataset(ensure_dataset(work / "bach-remi", "remi"))
@@ -118,8 +123,7 @@ def main() -> None:
     print(f"n-gram (n={order}) test perplexity {ngram_ppl:.3f}", flush=True)
 
     config = load_config("music_lm_small", None, {"data": str(work / "bach-remi"), "out": str(work / "music-lm")},
-                         [f"train.max_minutes={minutes}", "train.max_steps=100000", "train.eval_every=200",
-                          "train.save_every=200", "train.log_every=50"])
+                         limits)
     pretrain(config, overwrite=True)
     model, _ = load_pretrained(resolve_model_dir(work / "music-lm"))
     lm_ppl = music_lm_test_perplexity(model, remi, model.config.max_seq_len)
@@ -131,8 +135,7 @@ def main() -> None:
     if not args.skip_bert:
         octuple = open_dataset(ensure_dataset(work / "bach-octuple", "octuple"))
         config = load_config("music_bert_small", None, {"data": str(work / "bach-octuple"), "out": str(work / "music-bert")},
-                             [f"train.max_minutes={minutes}", "train.max_steps=100000", "train.eval_every=200",
-                              "train.save_every=200", "train.log_every=50"])
+                             limits)
         pretrain(config, overwrite=True)
         bert, _ = load_pretrained(resolve_model_dir(work / "music-bert"))
         accuracy, frequency = music_bert_accuracy(bert, octuple, config.seq_len or bert.config.max_seq_len)

@@ -237,3 +237,51 @@ def test_music_bert_pretrains(long_pieces, tmp_path):
 
     model, data = load_pretrained(resolve_model_dir(tmp_path / "bert"))
     assert data["family"] == "music-bert" and model.config.field_names[0] == "pitch"
+
+
+def test_segment_streams_walk_pieces_in_order(long_pieces):
+    from musefm.data.dataset import TokenDataset
+    from musefm.training.trainer import SegmentStreams
+
+    data, _ = long_pieces
+    dataset = TokenDataset(data, "train", seq_len=32, window="segments")
+    streams = SegmentStreams(dataset, batch_size=2, seed=0, epoch=0)
+    previous = [None, None]
+    for step in range(len(streams)):
+        indices, new_piece = streams.rank_batch(step)
+        for row, index in enumerate(indices):
+            piece, chunk = int(dataset.piece_of_item[index]), int(dataset.chunk_of_item[index])
+            assert bool(new_piece[row]) == (chunk == 0)
+            if not new_piece[row]:
+                assert previous[row] == (piece, chunk - 1)
+            previous[row] = (piece, chunk)
+    halves = [SegmentStreams(dataset, 2, 0, 0, rank=r, world_size=2).rank_batch(0)[0] for r in (0, 1)]
+    assert halves[0] + halves[1] == streams.rank_batch(0)[0]
+    # Segments are consecutive and do not overlap: together they are the framed piece.
+    items = [i for i in range(len(dataset)) if int(dataset.piece_of_item[i]) == 0]
+    joined = torch.cat([dataset[i]["input_ids"][dataset[i]["attention_mask"]] for i in items])
+    assert len(joined) == dataset.rows[0]["length"] + 2
+
+
+def test_transformer_xl_training_resumes_exactly(long_pieces, tmp_path):
+    data, _ = long_pieces
+
+    def config(out):
+        settings = _config(data, out, max_steps=6, batch_size=2, save_every=2)
+        settings.model_settings = {"dropout": 0.0, "memory_len": 32}
+        return settings
+
+    pretrain(config(tmp_path / "whole"), stream=open(os.devnull, "w"))
+    cut = tmp_path / "cut"
+    pretrain(config(cut), stream=open(os.devnull, "w"))
+    state = load_train_state(cut / "checkpoints" / "step-00000004")
+    assert state["memory"] is not None and state["memory"][0].shape == (2, 32, 32)
+    import shutil
+
+    shutil.rmtree(cut / "checkpoints" / "step-00000006")
+    (cut / "checkpoints" / "latest").write_text("step-00000004")
+    pretrain(config(cut), resume=True, stream=open(os.devnull, "w"))
+    whole = load_file(str(tmp_path / "whole" / "checkpoints" / "step-00000006" / "model.safetensors"))
+    resumed = load_file(str(cut / "checkpoints" / "step-00000006" / "model.safetensors"))
+    for name in whole:
+        torch.testing.assert_close(whole[name], resumed[name], rtol=0, atol=0)

@@ -2,9 +2,11 @@
 
 ``TokenDataset`` yields fixed-length windows of a split. Each piece is seen as
 ``[BOS] tokens [EOS]``; a piece of n tokens gives ceil(n / seq_len) windows an epoch, cut at
-random offsets (``window="random"``), at bar lines (``"bar"``), or consecutively
-(``"sequential"``, for evaluation). Randomness comes from (seed, epoch, index) only, so any worker,
-rank or resumed run sees the same windows; call ``set_epoch`` as with DistributedSampler.
+random offsets (``window="random"``), at bar lines (``"bar"``), consecutively with the last window
+ending at the piece's end (``"sequential"``, for evaluation), or as consecutive non-overlapping
+segments with the last one padded (``"segments"``, for Transformer-XL memory training).
+Randomness comes from (seed, epoch, index) only, so any worker, rank or resumed run sees the same
+windows; call ``set_epoch`` as with DistributedSampler.
 """
 
 from __future__ import annotations
@@ -105,13 +107,13 @@ class TokenDataset:
         dataset: MusicDataset | str | Path,
         split: str = "train",
         seq_len: int = 512,
-        window: Literal["random", "bar", "sequential"] = "random",
+        window: Literal["random", "bar", "sequential", "segments"] = "random",
         augment: AugmentConfig | None = None,
         seed: int = 0,
     ):
         self.dataset = dataset if isinstance(dataset, MusicDataset) else open_dataset(dataset)
-        if window not in ("random", "bar", "sequential"):
-            raise MusefmError(f"window must be random, bar or sequential, not {window!r}")
+        if window not in ("random", "bar", "sequential", "segments"):
+            raise MusefmError(f"window must be random, bar, sequential or segments, not {window!r}")
         self.rows = self.dataset.rows(split)
         if not self.rows:
             raise MusefmError(f"{self.dataset.root}: split {split!r} has no pieces")
@@ -175,7 +177,13 @@ class TokenDataset:
         framed = self._framed(row)
         length = len(framed)
         span = self.base_len
-        if length <= span:
+        if self.window == "segments":
+            # Transformer-XL training: consecutive, non-overlapping segments (the last one padded),
+            # so that each segment's memory is exactly the segment before it.
+            start = int(self.chunk_of_item[index]) * span
+            # One augmentation per piece and epoch: every segment of a piece is shifted alike.
+            rng = np.random.default_rng([self.seed, self.epoch, piece, 1])
+        elif length <= span:
             start = 0
         elif self.window == "sequential":
             start = min(int(self.chunk_of_item[index]) * span, length - span)

@@ -126,7 +126,9 @@ def main(config: PretrainConfig, resume: bool = False, overwrite: bool = False, 
         seed_everything(config.train.seed)
         model = family_class(config.model)(model_config)
         seq_len = config.seq_len or model_config.max_seq_len
-        train_data = TokenDataset(dataset, "train", seq_len=seq_len, window=config.window, augment=config.augment,
+        # With Transformer-XL memory a piece is trained on segment after segment, in order.
+        window = "segments" if getattr(model_config, "memory_len", 0) > 0 else config.window
+        train_data = TokenDataset(dataset, "train", seq_len=seq_len, window=window, augment=config.augment,
                                   seed=config.train.seed)
         valid_data = TokenDataset(dataset, "valid", seq_len=seq_len, window="sequential") if dataset.rows("valid") else None
         if context.is_main:

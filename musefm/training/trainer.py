@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -97,6 +98,41 @@ class EpochBatches:
         return batch[self.rank * self.share : (self.rank + 1) * self.share].tolist()
 
 
+class SegmentStreams:
+    """Transformer-XL training order: ``batch_size`` streams, each walking its share of the pieces
+    (a permutation by seed and epoch) segment after segment, so a row's memory is always the
+    previous segment of the same piece. Needs a dataset with ``window="segments"``."""
+
+    def __init__(self, dataset, batch_size: int, seed: int, epoch: int, rank: int = 0, world_size: int = 1):
+        if batch_size % world_size:
+            raise MusefmError(f"train.batch_size={batch_size} must be divisible by the {world_size} processes")
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        pieces = torch.randperm(len(dataset.rows), generator=generator).tolist()
+        first_item = {}
+        for item, piece in enumerate(dataset.piece_of_item.tolist()):
+            first_item.setdefault(piece, item)
+        counts = np.bincount(dataset.piece_of_item, minlength=len(dataset.rows))
+        share = batch_size // world_size
+        self.items, self.starts = [], []
+        for stream in range(rank * share, (rank + 1) * share):
+            items, starts = [], []
+            for piece in pieces[stream::batch_size] or pieces[stream % len(pieces) :: len(pieces)]:
+                items += range(first_item[piece], first_item[piece] + int(counts[piece]))
+                starts += [True] + [False] * (int(counts[piece]) - 1)
+            self.items.append(items)
+            self.starts.append(starts)
+        self.length = min(len(items) for items in self.items)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def rank_batch(self, step: int) -> tuple[list[int], torch.Tensor]:
+        """Item indices of this rank's streams at ``step``, and which of them start a new piece."""
+        indices = [items[step] for items in self.items]
+        new_piece = torch.tensor([starts[step] for starts in self.starts])
+        return indices, new_piece
+
+
 def collate(items: list[dict]) -> dict:
     return {key: torch.stack([item[key] for item in items]) for key in items[0]}
 
@@ -108,8 +144,10 @@ class _LossModule(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, batch: dict):
-        return self.model.loss(batch)
+    def forward(self, batch: dict, memory=None, memory_mask=None):
+        if memory is None:
+            return self.model.loss(batch)
+        return self.model.loss(batch, memory=memory, memory_mask=memory_mask)
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
@@ -141,6 +179,14 @@ class Trainer:
         )
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.best_valid_loss = float("inf")
+        # Transformer-XL: segments in stream order, each step's hidden states the next step's memory.
+        self.uses_memory = getattr(getattr(model, "config", None), "memory_len", 0) > 0
+        self.memory = None
+        if self.uses_memory:
+            if getattr(train_data, "window", None) != "segments":
+                raise MusefmError("a model with memory_len > 0 trains on window='segments' data")
+            if config.grad_accum != 1:
+                raise MusefmError("train.grad_accum must be 1 for a model with memory (memory_len > 0)")
         self.logger = RunLogger(self.run_dir, enabled=self.context.is_main, total_steps=config.max_steps, stream=stream)
 
     # ---- state -------------------------------------------------------------------------
@@ -149,6 +195,7 @@ class Trainer:
         return {
             "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
             "best_valid_loss": self.best_valid_loss, "optimizer": self.optimizer.state_dict(), "rng": rng_state(),
+            "memory": [layer.cpu() for layer in self.memory] if self.memory is not None else None,
         }
 
     def resume(self, checkpoint: Path) -> None:
@@ -162,6 +209,8 @@ class Trainer:
         set_rng_state(state["rng"])
         self.step, self.epoch = int(state["step"]), int(state["epoch"])
         self.batch_in_epoch, self.best_valid_loss = int(state["batch_in_epoch"]), float(state["best_valid_loss"])
+        memory = state.get("memory")
+        self.memory = [layer.to(self.device) for layer in memory] if memory is not None else None
         self.logger.message(f"resumed from {checkpoint} at step {self.step}")
 
     def save(self) -> Path | None:
@@ -179,15 +228,22 @@ class Trainer:
             return torch.autocast(self.device.type, enabled=False)
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-    def _epoch_batches(self) -> EpochBatches:
-        return EpochBatches(len(self.train_data), self.config.batch_size, self.config.seed, self.epoch,
-                            self.context.rank, self.context.world_size)
+    def _epoch_batches(self):
+        order = SegmentStreams if self.uses_memory else EpochBatches
+        data = self.train_data if self.uses_memory else len(self.train_data)
+        return order(data, self.config.batch_size, self.config.seed, self.epoch, self.context.rank,
+                     self.context.world_size)
 
     def train_step(self, batches: EpochBatches) -> dict:
         """One optimizer step over this rank's share of global batch ``batch_in_epoch``."""
         config = self.config
         self.train_data.set_epoch(self.epoch)
-        indices = batches.rank_indices(self.batch_in_epoch)
+        memory_mask = None
+        if self.uses_memory:
+            indices, new_piece = batches.rank_batch(self.batch_in_epoch)
+            memory_mask = ~new_piece.to(self.device)  # (B,): rows starting a piece see no memory
+        else:
+            indices = batches.rank_indices(self.batch_in_epoch)
         micro = [indices[i::config.grad_accum] for i in range(config.grad_accum)]
         micro = [chunk for chunk in micro if chunk]
         lr = learning_rate(self.step, config)
@@ -201,7 +257,11 @@ class Trainer:
             context = self.loss_module.no_sync() if self.context.enabled and not sync else _null_context()
             with context:
                 with self._autocast():
-                    loss, metrics, _ = self.loss_module(batch)
+                    if self.uses_memory:
+                        loss, metrics, memory = self.loss_module(batch, self.memory, memory_mask)
+                        self.memory = [layer.detach() for layer in memory]
+                    else:
+                        loss, metrics, _ = self.loss_module(batch)
                 (loss / len(micro)).backward()
             totals["loss"] += float(metrics["loss"]) * metrics["tokens"]
             totals["tokens"] += int(metrics["tokens"])
