@@ -27,6 +27,14 @@ FAMILIES = {
 }
 
 
+# Transformer sizes shared by the symbolic families, so "small" means the same network everywhere.
+TRANSFORMER_SIZES = {
+    "debug": dict(d_model=32, n_layers=2, n_heads=2, d_ff=128, dropout=0.0, max_seq_len=64, max_relative=64),
+    "small": dict(d_model=256, n_layers=4, n_heads=4, d_ff=1024, dropout=0.1, max_seq_len=512, max_relative=512),
+    "base": dict(d_model=512, n_layers=8, n_heads=8, d_ff=2048, dropout=0.1, max_seq_len=1024, max_relative=1024),
+}
+
+
 def config_from_presets(presets: dict, name: str, family: str, **overrides):
     """Preset ``name``'s config with ``overrides`` applied and validated (unknown keys are named)."""
     if name not in presets:

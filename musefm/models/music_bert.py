@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from musefm.errors import MusefmError
-from musefm.models.base import PretrainedModel, config_from_presets
+from musefm.models.base import TRANSFORMER_SIZES, PretrainedModel, config_from_presets
 from musefm.modules.attention import build_attention_mask
 from musefm.modules.positions import RotaryEmbedding
 from musefm.modules.transformer import TransformerBlock
@@ -123,14 +123,7 @@ def octuple_fields(tokenizer) -> tuple[list[str], list[int]]:
     return names, sizes
 
 
-PRESETS = {
-    "debug": MusicBERTConfig(d_model=32, n_layers=2, n_heads=2, d_ff=128, dropout=0.0, max_seq_len=64,
-                             max_relative=64),
-    "small": MusicBERTConfig(d_model=256, n_layers=4, n_heads=4, d_ff=1024, dropout=0.1, max_seq_len=512,
-                             max_relative=512),
-    "base": MusicBERTConfig(d_model=512, n_layers=8, n_heads=8, d_ff=2048, dropout=0.1, max_seq_len=1024,
-                            max_relative=1024),
-}
+PRESETS = {name: MusicBERTConfig(**sizes) for name, sizes in TRANSFORMER_SIZES.items()}
 
 
 def config_from_preset(name: str, **overrides) -> MusicBERTConfig:

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from musefm.errors import MusefmError
-from musefm.models.base import PretrainedModel, config_from_presets
+from musefm.models.base import TRANSFORMER_SIZES, PretrainedModel, config_from_presets
 from musefm.modules.attention import KVCache, build_attention_mask
 from musefm.modules.positions import RotaryEmbedding
 from musefm.modules.transformer import TransformerBlock, next_memory, next_memory_mask
@@ -81,14 +81,7 @@ class MusicLMConfig:
             raise MusefmError(f"pad_id: {self.pad_id} is not a token id of a {self.vocab_size}-token vocabulary")
 
 
-PRESETS = {
-    "debug": MusicLMConfig(d_model=32, n_layers=2, n_heads=2, d_ff=128, dropout=0.0, max_seq_len=64,
-                           max_relative=64),
-    "small": MusicLMConfig(d_model=256, n_layers=4, n_heads=4, d_ff=1024, dropout=0.1, max_seq_len=512,
-                           max_relative=512),
-    "base": MusicLMConfig(d_model=512, n_layers=8, n_heads=8, d_ff=2048, dropout=0.1, max_seq_len=1024,
-                          max_relative=1024),
-}
+PRESETS = {name: MusicLMConfig(**sizes) for name, sizes in TRANSFORMER_SIZES.items()}
 
 
 def config_from_preset(name: str, **overrides) -> MusicLMConfig:
