@@ -110,6 +110,7 @@ def main() -> None:
                         help="sets max_steps so the cosine schedule ends near the time limit (2-core CPU, bf16)")
     parser.add_argument("--work", default="runs/bench-quality")
     parser.add_argument("--skip-bert", action="store_true")
+    parser.add_argument("--datasets", help="folder holding bach-remi/ and bach-octuple/ already built (skips building)")
     args = parser.parse_args()
     minutes = 1.5 if args.quick else args.minutes
     steps = max(20, int(minutes * args.steps_per_minute))
@@ -117,12 +118,14 @@ def main() -> None:
               "train.save_every=100", "train.log_every=25", f"train.warmup_steps={max(5, steps // 10)}"]
     work = Path(args.work)
 
-    remi = open_dataset(ensure_dataset(work / "bach-remi", "remi"))
+    source = Path(args.datasets) if args.datasets else work
+    prepare = (lambda path, _tokenizer: path) if args.datasets else ensure_dataset
+    remi = open_dataset(prepare(source / "bach-remi", "remi"))
     order, ngram_ppl, valid_ppl = ngram_baseline(remi)
     print("n-gram validation perplexity: " + ", ".join(f"n={n} {p:.3f}" for n, p in valid_ppl.items()), flush=True)
     print(f"n-gram (n={order}) test perplexity {ngram_ppl:.3f}", flush=True)
 
-    config = load_config("music_lm_small", None, {"data": str(work / "bach-remi"), "out": str(work / "music-lm")},
+    config = load_config("music_lm_small", None, {"data": str(source / "bach-remi"), "out": str(work / "music-lm")},
                          limits)
     pretrain(config, overwrite=True)
     model, _ = load_pretrained(resolve_model_dir(work / "music-lm"))
@@ -133,8 +136,8 @@ def main() -> None:
     result = (f"RESULT ngram_order={order} ngram_test_ppl={ngram_ppl:.3f} music_lm_test_ppl={lm_ppl:.3f} "
               f"ratio_vs_ngram={ratio:.3f} minutes_per_model={minutes}")
     if not args.skip_bert:
-        octuple = open_dataset(ensure_dataset(work / "bach-octuple", "octuple"))
-        config = load_config("music_bert_small", None, {"data": str(work / "bach-octuple"), "out": str(work / "music-bert")},
+        octuple = open_dataset(prepare(source / "bach-octuple", "octuple"))
+        config = load_config("music_bert_small", None, {"data": str(source / "bach-octuple"), "out": str(work / "music-bert")},
                              limits)
         pretrain(config, overwrite=True)
         bert, _ = load_pretrained(resolve_model_dir(work / "music-bert"))
