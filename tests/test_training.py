@@ -285,3 +285,42 @@ def test_transformer_xl_training_resumes_exactly(long_pieces, tmp_path):
     resumed = load_file(str(cut / "checkpoints" / "step-00000006" / "model.safetensors"))
     for name in whole:
         torch.testing.assert_close(whole[name], resumed[name], rtol=0, atol=0)
+
+
+def test_ctrl_c_saves_a_checkpoint(long_pieces, tmp_path):
+    data, _ = long_pieces
+    out = tmp_path / "interrupted"
+    args = _pretrain_args(data, out, steps=100000)
+    args[args.index("train.save_every=1")] = "train.save_every=100000"
+    process = subprocess.Popen([sys.executable, "-m", "musefm", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 3):
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, error = process.communicate(timeout=120)
+    assert process.returncode == 130, error[-2000:]
+    assert "checkpoint saved" in error and "Traceback" not in error
+    saved = latest_checkpoint(out)
+    assert saved is not None and load_train_state(saved)["step"] >= 3
+
+
+def test_resume_refuses_a_dataset_with_another_tokenizer(long_pieces, tmp_path, capsys):
+    data, _ = long_pieces
+    out = tmp_path / "run"
+    assert main(["pretrain", "--model", "music-lm", "--preset", "debug", "--data", str(data), "--out", str(out),
+                 "seq_len=32", "train.max_steps=2", "train.save_every=1", "train.eval_every=1"]) == 0
+    other = tmp_path / "other-data"
+    import shutil
+
+    shutil.copytree(data, other)
+    from musefm.data.tokenize import make_tokenizer, save_tokenizer
+
+    save_tokenizer(make_tokenizer("remi", num_velocities=8), other / "tokenizer.json")
+    run = json.loads((out / "run.json").read_text())
+    run["config"]["data"] = str(other)
+    (out / "run.json").write_text(json.dumps(run))
+    capsys.readouterr()
+    assert main(["pretrain", "--out", str(out), "--resume"]) == 2
+    assert "tokenizer differs" in capsys.readouterr().err
