@@ -135,9 +135,9 @@ def list_items(spec: str) -> list[SourceItem]:
     if kind == "music21":
         return _music21_items(spec, argument)
     if kind == "dir":
-        return _dir_items(spec, Path(argument))
+        return _dir_items(spec, Path(argument).expanduser())
     if kind == "maestro":
-        return _maestro_items(spec, Path(argument))
+        return _maestro_items(spec, Path(argument).expanduser())
     raise MusefmError(f"unknown source {spec!r}: use music21:<collection>, dir:<path> or maestro:<path>")
 
 
