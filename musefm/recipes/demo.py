@@ -72,6 +72,7 @@ def run_demo(out: Path, quick: bool = False, stream=None) -> Path:
     from musefm.audio.render import render_midi
     from musefm.data.dataset import open_dataset
     from musefm.data.tokenize import decode
+    from musefm.generation.constraints import GrammarConstraint
     from musefm.generation.sampling import sample
     from musefm.models.base import load_pretrained
     from musefm.training.checkpoint import resolve_model_dir
@@ -109,8 +110,10 @@ def run_demo(out: Path, quick: bool = False, stream=None) -> Path:
     ids = np.asarray(dataset.piece_ids(row), dtype=np.int64)
     bar_ids = np.array([i for token, i in tokenizer._vocab_base.items() if token.startswith("Bar_")])
     prompt = _prompt_of(ids, bar_ids, PROMPT_BARS)
+    # Grammar-constrained: every sampled token can follow the previous ones, so the music decodes.
+    constraint = GrammarConstraint(tokenizer)
     new_tokens, log_probs = sample(model, torch.from_numpy(prompt), max_new_tokens=64 if quick else 512,
-                                   temperature=1.0, top_k=0, top_p=0.95, seed=0)
+                                   temperature=1.0, top_k=0, top_p=0.95, seed=0, constraint=constraint)
     body = np.concatenate([prompt[1:], new_tokens.numpy()])
     body = body[(body > 3)]  # special tokens carry no music
     continuation = decode(tokenizer, body)
@@ -149,7 +152,7 @@ def run_demo(out: Path, quick: bool = False, stream=None) -> Path:
         "",
         "## A continuation",
         f"The first {PROMPT_BARS} bars of the {status} piece `{row['id']}` ({row.get('key')}), continued by "
-        f"sampling (top-p 0.95): {len(new_tokens)} new tokens, mean log-probability "
+        f"grammar-constrained sampling (top-p 0.95): {len(new_tokens)} new tokens, mean log-probability "
         f"{float(log_probs.mean()) if len(log_probs) else float('nan'):.2f}, "
         f"{continuation.note_num()} notes in all. MIDI: [continuation.mid]({midi_path.name}). {audio_line}",
         "",
