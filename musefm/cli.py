@@ -73,6 +73,37 @@ def _pretrain(args) -> int:
     return 0
 
 
+def _generate(args) -> int:
+    from musefm.config import from_dict
+    from musefm.recipes.generate import GenerateConfig, main as generate
+
+    low, high = args.pitch_range if args.pitch_range else (None, None)
+    programs = [int(p) for p in args.programs.split(",")] if args.programs else None
+    config = from_dict(GenerateConfig, {
+        "model": args.model, "out": args.out, "prompt": args.prompt, "prompt_bars": args.prompt_bars,
+        "num_samples": args.num_samples, "seed": args.seed, "temperature": args.temperature, "top_k": args.top_k,
+        "top_p": args.top_p, "beam": args.beam, "max_tokens": args.max_tokens, "bars": args.bars,
+        "seconds": args.seconds, "key": args.key, "pitch_low": low, "pitch_high": high, "programs": programs,
+        "time_signature": args.time_signature, "constrained": not args.no_constraint, "render": not args.no_audio,
+    })
+    written = generate(config)
+    print(f"{len(written)} sample(s) written to {config.out}")
+    return 0
+
+
+def _evaluate(args) -> int:
+    from musefm.recipes.evaluate import EvaluateConfig, main as evaluate
+
+    config = EvaluateConfig(generated=args.generated, reference=args.reference, train=args.train, out=args.out,
+                            limit=args.limit)
+    results = evaluate(config)
+    if args.json:
+        print(json.dumps(results, indent=2, default=float))
+    else:
+        print(f"report written to {Path(config.out) / 'report.md'}")
+    return 0
+
+
 def _demo(args) -> int:
     from musefm.recipes.demo import run_demo
 
@@ -123,6 +154,37 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_argument("--overwrite", action="store_true", help="replace the run in --out")
     pretrain.add_argument("overrides", nargs="*", help="key=value, e.g. train.lr=1e-3 model_settings.d_model=128")
     pretrain.set_defaults(func=_pretrain)
+
+    generate = commands.add_parser("generate", help="continue a prompt or generate from scratch with a MusicLM")
+    generate.add_argument("--model", required=True, help="run or model directory")
+    generate.add_argument("--prompt", help="MIDI/MusicXML/ABC file or corpus id (music21:bach/bwv66.6)")
+    generate.add_argument("--prompt-bars", type=int, default=0, help="keep the prompt's first N bars (0: all)")
+    generate.add_argument("--out", required=True)
+    generate.add_argument("--num-samples", type=int, default=1)
+    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--temperature", type=float, default=1.0)
+    generate.add_argument("--top-k", type=int, default=0)
+    generate.add_argument("--top-p", type=float, default=0.95)
+    generate.add_argument("--beam", type=int, default=0, help="length-normalised beam search with N beams")
+    generate.add_argument("--max-tokens", type=int, default=0)
+    generate.add_argument("--bars", type=int, default=0)
+    generate.add_argument("--seconds", type=float, default=0.0)
+    generate.add_argument("--key", help='keep pitches in a scale, e.g. "G major"')
+    generate.add_argument("--pitch-range", type=int, nargs=2, metavar=("LOW", "HIGH"))
+    generate.add_argument("--programs", help="allowed MIDI programs, e.g. 0,40 (-1 = drums)")
+    generate.add_argument("--time-signature", help="e.g. 3/4")
+    generate.add_argument("--no-constraint", action="store_true", help="sample without the token grammar")
+    generate.add_argument("--no-audio", action="store_true", help="skip the WAV rendering")
+    generate.set_defaults(func=_generate)
+
+    evaluate = commands.add_parser("evaluate", help="metrics of generated music against a reference set")
+    evaluate.add_argument("--generated", required=True, help="folder or source spec of generated pieces")
+    evaluate.add_argument("--reference", required=True, help="source spec (music21:bach, dir:...) or folder")
+    evaluate.add_argument("--train", help="dataset directory, for the memorization check")
+    evaluate.add_argument("--out", required=True)
+    evaluate.add_argument("--limit", type=int, default=0, help="at most N pieces per set")
+    evaluate.add_argument("--json", action="store_true", help="print the results as JSON")
+    evaluate.set_defaults(func=_evaluate)
 
     demo = commands.add_parser("demo", help="the main job on the bundled corpus")
     demo.add_argument("--out", default="runs/demo")

@@ -1,0 +1,476 @@
+"""``musefm generate``: continue a prompt (or start from nothing) with a trained MusicLM.
+
+Everything is checked before anything is generated or written: the model directory and its family,
+its tokenizer against the model's vocabulary, the prompt (readable, encodable, accepted by the
+grammar), the stop rules and the musical constraints. Then, per sample, ``out/`` gets
+``sample_KK.mid``, ``.wav`` (FluidSynth, when asked and available), ``.png`` (piano roll, the
+generated part shaded) and ``.json`` (settings, seed, token ids, per-token log-probabilities, notes,
+duration, grammar errors).
+
+Decisions:
+
+- Sample ``k`` is drawn with seed ``seed + k`` on its own (not in a shared batch), so any sample is
+  reproduced alone by ``--seed S+k --num-samples 1``, whatever ``--num-samples`` was.
+- ``max_tokens`` is a cap: the model may end the piece earlier with EOS. ``bars`` and ``seconds`` are
+  targets: EOS is held back until they are reached, then the continuation is cut exactly there (before
+  the Bar token that would open one bar too many; at the shortest prefix whose music lasts long
+  enough). They are generated in chunks of ``CHUNK_TOKENS`` through the sampler's sliding cache
+  window, so they run past the training context, up to ``max_tokens`` or ``HARD_CAP_CONTEXTS`` x the
+  context.
+- Beam search (``beam > 0``) is deterministic and ranks by mean log-probability per token; it stops
+  on ``max_tokens`` only (a beam cannot be cut at a bar count and resumed).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from symusic import Score
+
+from musefm.config import to_dict
+from musefm.data.dataset import BOS, EOS
+from musefm.errors import MusefmError
+
+CHUNK_TOKENS = 64  # bars/seconds rules: new tokens drawn between two checks of the rule
+HARD_CAP_CONTEXTS = 16  # bars/seconds rules: at most this many training contexts of new tokens
+DEFAULT_MAX_TOKENS = 512  # when no stop rule is given
+
+
+@dataclass
+class GenerateConfig:
+    model: str = ""  # run dir or model dir (MusicLM family only)
+    out: str = ""
+    prompt: str | None = None  # file path or corpus id; None = from scratch (BOS only)
+    prompt_bars: int = 0  # keep only the first N bars of the prompt (0 = all of it)
+    num_samples: int = 1
+    seed: int = 0
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 0.95
+    beam: int = 0  # > 0: length-normalised beam search; returns the best `num_samples` beams
+    max_tokens: int = 0  # stop rules: at most this many new tokens ...
+    bars: int = 0  # ... or this many new bars (REMI: count Bar tokens) ...
+    seconds: float = 0.0  # ... or this much new music (decode and measure)
+    key: str | None = None
+    pitch_low: int | None = None
+    pitch_high: int | None = None
+    programs: list[int] | None = None
+    time_signature: str | None = None
+    constrained: bool = True  # grammar-constrained decoding (always valid output)
+    render: bool = True  # WAV through FluidSynth; skipped with a note when unavailable
+
+    def validate(self) -> None:
+        if not self.model:
+            raise MusefmError("no model given (--model RUN_OR_MODEL_DIR)")
+        if not self.out:
+            raise MusefmError("no output directory given (--out)")
+        for name in ("prompt_bars", "top_k", "beam", "max_tokens", "bars"):
+            if getattr(self, name) < 0:
+                raise MusefmError(f"{name}: must be 0 or more, got {getattr(self, name)}")
+        if self.num_samples < 1:
+            raise MusefmError(f"num_samples: must be at least 1, got {self.num_samples}")
+        if self.seconds < 0:
+            raise MusefmError(f"seconds: must be 0 or more, got {self.seconds}")
+        if self.temperature <= 0:
+            raise MusefmError(f"temperature: must be above 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise MusefmError(f"top_p: must be in (0, 1], got {self.top_p}")
+        if self.beam and self.num_samples > self.beam:
+            raise MusefmError(f"num_samples: beam search of {self.beam} beams cannot return {self.num_samples}")
+        if self.beam and (self.bars or self.seconds):
+            raise MusefmError("beam: beam search stops on max_tokens only; bars and seconds need sampling")
+        if (self.pitch_low is None) != (self.pitch_high is None):
+            raise MusefmError("pitch range: give both the lowest and the highest pitch")
+        musical = [name for name in ("key", "pitch_low", "programs", "time_signature") if getattr(self, name) is not None]
+        if musical and not self.constrained:
+            raise MusefmError(f"{musical[0]}: musical constraints need constrained decoding (drop --no-constraint)")
+
+    def stop_rules(self) -> tuple[int, int, float]:
+        """(max_tokens, bars, seconds) with the default when none is given."""
+        if not (self.max_tokens or self.bars or self.seconds):
+            return DEFAULT_MAX_TOKENS, 0, 0.0
+        return self.max_tokens, self.bars, self.seconds
+
+
+@dataclass
+class Sample:
+    """One generated continuation: model ids (BOS, prompt, new tokens) and what they decode to."""
+
+    ids: np.ndarray  # (T,) model ids, BOS first; BPE ids for a BPE tokenizer
+    prompt_length: int  # ids[:prompt_length] is the prompt (BOS included)
+    log_probs: np.ndarray  # (T - prompt_length,) per new token, under the (constrained) model
+    score: Score  # prompt + continuation
+    stopped: str  # "eos", "max_tokens", "bars", "seconds" or "cap"
+    seed: int | None  # None for beam search
+
+    @property
+    def new_ids(self) -> np.ndarray:
+        return self.ids[self.prompt_length:]
+
+
+# -- tokens and music ------------------------------------------------------------------------------------
+
+
+def bar_token_ids(tokenizer) -> np.ndarray:
+    return np.array([i for token, i in tokenizer._vocab_base.items() if token.startswith("Bar_")], dtype=np.int64)
+
+
+def music_ids(tokenizer, ids) -> np.ndarray:
+    """Base ids of the musical tokens of model ids (special tokens dropped, BPE undone)."""
+    from musefm.data.tokenize import undo_bpe
+
+    ids = np.asarray(ids, dtype=np.int64)
+    ids = ids[~np.isin(ids, tokenizer.special_tokens_ids)]
+    return np.asarray(undo_bpe(tokenizer, ids), dtype=np.int64)
+
+
+def decode_ids(tokenizer, ids) -> Score:
+    """A Score from model ids (specials and BPE handled); an empty Score when no music is left."""
+    from musefm.data.tokenize import decode
+
+    base = music_ids(tokenizer, ids)
+    return decode(tokenizer, base) if len(base) else Score(tokenizer.time_division)
+
+
+def seconds_of(score: Score) -> float:
+    return float(score.to("second").end()) if score.note_num() else 0.0
+
+
+def check_compatible(model, tokenizer, label: str = "tokenizer") -> None:
+    """MusefmError unless ``tokenizer`` can drive ``model`` (single stream, vocabulary within the model's)."""
+    if tokenizer.is_multi_voc:
+        raise MusefmError(f"{label}: {type(tokenizer).__name__} has one vocabulary per note element, but a "
+                          f"music-lm reads a single token stream (REMI or TSD)")
+    vocab_size = model.config.vocab_size
+    if len(tokenizer) > vocab_size:
+        raise MusefmError(f"{label}: {len(tokenizer)} tokens, but the model was trained on a {vocab_size}-token "
+                          f"vocabulary")
+
+
+def check_prompt_ids(model, prompt_ids) -> torch.Tensor:
+    """The prompt as a (T,) long tensor; MusefmError when it is not ids of the model's vocabulary."""
+    prompt = torch.as_tensor(np.asarray(prompt_ids), dtype=torch.long)
+    if prompt.ndim != 1 or len(prompt) == 0:
+        raise MusefmError(f"prompt: expected a non-empty (T,) sequence of token ids, got shape {tuple(prompt.shape)}")
+    if int(prompt.min()) < 0 or int(prompt.max()) >= model.config.vocab_size:
+        raise MusefmError(f"prompt: ids must lie in 0..{model.config.vocab_size - 1} (the model's vocabulary), "
+                          f"got {int(prompt.min())}..{int(prompt.max())}")
+    return prompt
+
+
+class HoldEnd:
+    """A constraint (or none) that also forbids EOS: used while a bars/seconds target is not reached."""
+
+    def __init__(self, inner, vocab_size: int):
+        self.inner = inner
+        self.vocab_size = inner.vocab_size if inner is not None else vocab_size
+        self._masks: dict = {}
+
+    def start(self, prefix_ids):
+        return self.inner.start(prefix_ids) if self.inner is not None else None
+
+    def allowed(self, state) -> torch.Tensor:
+        mask = self._masks.get(state)
+        if mask is None:
+            mask = self.inner.allowed(state).clone() if self.inner is not None else torch.ones(self.vocab_size, dtype=torch.bool)
+            mask[EOS] = False
+            self._masks[state] = mask
+        return mask
+
+    def advance(self, state, token_id: int):
+        return self.inner.advance(state, token_id) if self.inner is not None else None
+
+
+def _chunk_seed(seed: int, chunk: int) -> int:
+    """Chunk 0 uses the seed itself (its tokens equal a one-call run's); later ones derive from it."""
+    if chunk == 0:
+        return seed
+    return int(np.random.SeedSequence([seed & 0xFFFFFFFF, chunk]).generate_state(1)[0])
+
+
+def _bars_cut(tokenizer, new_ids: list[int], bars: int, bar_ids: np.ndarray, expansions: dict) -> int | None:
+    """Index of the new token that opens bar ``bars + 1`` (cut before it), or None if not reached."""
+    from musefm.data.tokenize import undo_bpe
+
+    seen = 0
+    for index, token_id in enumerate(new_ids):
+        if token_id not in expansions:
+            expansions[token_id] = int(np.isin(undo_bpe(tokenizer, np.array([token_id])), bar_ids).sum())
+        if expansions[token_id]:
+            if seen >= bars:
+                return index
+            seen += expansions[token_id]
+    return None
+
+
+def _seconds_cut(tokenizer, prompt: list[int], new_ids: list[int], seconds: float) -> int | None:
+    """The shortest number of new tokens whose music lasts ``seconds`` past the prompt, or None."""
+    start = seconds_of(decode_ids(tokenizer, prompt))
+
+    def lasts(length: int) -> bool:
+        return seconds_of(decode_ids(tokenizer, prompt + new_ids[:length])) - start >= seconds
+
+    if not lasts(len(new_ids)):
+        return None
+    low, high = 0, len(new_ids)  # lasts(high) holds; the end time only grows with the prefix
+    while low < high:
+        middle = (low + high) // 2
+        low, high = (low, middle) if lasts(middle) else (middle + 1, high)
+    return high
+
+
+def _sample_one(model, tokenizer, prompt: torch.Tensor, seed: int, max_tokens: int, bars: int, seconds: float,
+                temperature: float, top_k: int, top_p: float, constraint) -> tuple[list[int], list[float], str]:
+    from musefm.generation.sampling import sample
+
+    window = model.config.max_seq_len
+    if not (bars or seconds):
+        tokens, log_probs = sample(model, prompt, max_tokens, temperature, top_k, top_p, seed, window=window,
+                                   constraint=constraint)
+        stopped = "eos" if len(tokens) and int(tokens[-1]) == EOS else "max_tokens"
+        return tokens.tolist(), log_probs.tolist(), stopped
+
+    limit = max_tokens or HARD_CAP_CONTEXTS * window
+    hold_end = HoldEnd(constraint, model.config.vocab_size)
+    prompt_list, bar_ids, expansions = prompt.tolist(), bar_token_ids(tokenizer), {}
+    new_ids: list[int] = []
+    new_log_probs: list[float] = []
+    chunk = 0
+    while len(new_ids) < limit:
+        context = torch.tensor(prompt_list + new_ids, dtype=torch.long)
+        tokens, log_probs = sample(model, context, min(CHUNK_TOKENS, limit - len(new_ids)), temperature, top_k,
+                                   top_p, _chunk_seed(seed, chunk), stop_at_eos=False, window=window,
+                                   constraint=hold_end)
+        new_ids += tokens.tolist()
+        new_log_probs += log_probs.tolist()
+        chunk += 1
+        cut = (_bars_cut(tokenizer, new_ids, bars, bar_ids, expansions) if bars
+               else _seconds_cut(tokenizer, prompt_list, new_ids, seconds))
+        if cut is not None:
+            return new_ids[:cut], new_log_probs[:cut], "bars" if bars else "seconds"
+    return new_ids, new_log_probs, "max_tokens" if max_tokens else "cap"
+
+
+@torch.no_grad()
+def generate_samples(model, tokenizer, prompt_ids, *, num_samples: int = 1, max_tokens: int = 0, bars: int = 0,
+                     seconds: float = 0.0, temperature: float = 1.0, top_k: int = 0, top_p: float = 0.95,
+                     seed: int = 0, beam: int = 0, constraint=None) -> list[Sample]:
+    """``num_samples`` continuations of ``prompt_ids`` (model ids, BOS first; ``[BOS]`` = from scratch).
+
+    Sampling draws sample ``k`` with seed ``seed + k``; ``beam > 0`` returns the best ``num_samples``
+    beams of one beam search. Stop rules as in ``GenerateConfig`` (none given: ``DEFAULT_MAX_TOKENS``).
+    ``constraint``: a ``GrammarConstraint`` over ``tokenizer``.
+    """
+    from musefm.generation.beam import beam_search
+
+    check_compatible(model, tokenizer)
+    prompt = check_prompt_ids(model, prompt_ids)
+    if bars and not len(bar_token_ids(tokenizer)):
+        raise MusefmError(f"bars: counts Bar tokens, which {type(tokenizer).__name__} has none of; use seconds")
+    if not (max_tokens or bars or seconds):
+        max_tokens = DEFAULT_MAX_TOKENS
+    model.eval()
+    runs = []
+    if beam:
+        if bars or seconds:
+            raise MusefmError("beam: beam search stops on max_tokens only; bars and seconds need sampling")
+        for tokens, _ in beam_search(model, prompt, beam, max_tokens, length_penalty=1.0, constraint=constraint)[:num_samples]:
+            # Per-token log-probabilities of the chosen beam, under the same (constrained) distribution.
+            runs.append((tokens.tolist(), _score_tokens(model, prompt, tokens, constraint), None))
+    else:
+        for k in range(num_samples):
+            tokens, log_probs, stopped = _sample_one(model, tokenizer, prompt, seed + k, max_tokens, bars, seconds,
+                                                     temperature, top_k, top_p, constraint)
+            runs.append((tokens, log_probs, (stopped, seed + k)))
+    samples = []
+    for tokens, log_probs, sampled in runs:
+        ids = np.array(prompt.tolist() + list(tokens), dtype=np.int64)
+        stopped = sampled[0] if sampled else ("eos" if tokens and tokens[-1] == EOS else "max_tokens")
+        samples.append(Sample(ids=ids, prompt_length=len(prompt), log_probs=np.asarray(log_probs, dtype=np.float64),
+                              score=decode_ids(tokenizer, ids), stopped=stopped, seed=sampled[1] if sampled else None))
+    return samples
+
+
+def _score_tokens(model, prompt: torch.Tensor, tokens: torch.Tensor, constraint) -> list[float]:
+    """Log-probabilities of ``tokens`` after ``prompt``, restricted to the allowed tokens when constrained."""
+    from musefm.generation.sampling import constrain_logits
+
+    window = model.config.max_seq_len
+    cache = model.init_cache(1, max_length=window)
+    device = next(model.parameters()).device
+    logits = model(prompt[-window:].to(device).unsqueeze(0), cache=cache).logits[:, -1]  # (1, V)
+    state = constraint.start(prompt) if constraint is not None else None
+    log_probs = []
+    for token in tokens.tolist():
+        logits = logits.float()
+        if constraint is not None:
+            logits = constrain_logits(logits, constraint, [state])
+            state = constraint.advance(state, token)
+        log_probs.append(float(torch.log_softmax(logits, dim=-1)[0, token]))
+        logits = model(torch.tensor([[token]], device=device), cache=cache).logits[:, -1]  # (1, V)
+    return log_probs
+
+
+def generate(model, tokenizer, prompt_ids, *, max_tokens: int = 0, bars: int = 0, seconds: float = 0.0,
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 0.95, seed: int = 0, beam: int = 0,
+             constraint=None) -> tuple[np.ndarray, Score]:
+    """One continuation of ``prompt_ids``: (model ids (T,), prompt + new tokens; the Score they decode to).
+
+    The Python entry point; ``main`` runs the same code (``generate_samples``) for several samples.
+    """
+    sample = generate_samples(model, tokenizer, prompt_ids, num_samples=1, max_tokens=max_tokens, bars=bars,
+                              seconds=seconds, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                              beam=beam, constraint=constraint)[0]
+    return sample.ids, sample.score
+
+
+# -- the recipe ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Plan:
+    """Everything ``main`` checked before generating."""
+
+    model: object
+    tokenizer: object
+    model_dir: Path
+    prompt_ids: np.ndarray  # model ids, BOS first
+    constraint: object
+
+
+def load_generator(path) -> tuple[object, object, Path]:
+    """(MusicLM, its tokenizer, its model dir) from a run or model dir; MusefmError for anything else."""
+    from musefm.data.tokenize import load_tokenizer
+    from musefm.models.base import load_pretrained, read_model_config
+    from musefm.training.checkpoint import resolve_model_dir
+
+    if not Path(path).exists():
+        raise MusefmError(f"{path}: no such run or model directory")
+    model_dir = resolve_model_dir(path)
+    family = read_model_config(model_dir)["family"]
+    if family != "music-lm":
+        raise MusefmError(f"{path}: holds a {family} model, not a generative music-lm")
+    tokenizer = load_tokenizer(model_dir / "tokenizer.json")
+    model, _ = load_pretrained(model_dir)
+    check_compatible(model, tokenizer, label=str(model_dir / "tokenizer.json"))
+    return model.eval(), tokenizer, model_dir
+
+
+def prompt_ids_from(tokenizer, spec: str | None, prompt_bars: int = 0) -> np.ndarray:
+    """Model ids ``[BOS] + tokens`` of a prompt file or corpus id (its first ``prompt_bars`` bars), or ``[BOS]``."""
+    from musefm.data.corpus import load_piece
+    from musefm.data.tokenize import apply_bpe, encode
+
+    if spec is None:
+        if prompt_bars:
+            raise MusefmError("prompt_bars: there is no prompt to take bars from")
+        return np.array([BOS], dtype=np.int64)
+    ids = np.asarray(encode(tokenizer, load_piece(spec).score, label=spec), dtype=np.int64)
+    if prompt_bars:
+        bar_ids = bar_token_ids(tokenizer)
+        if not len(bar_ids):
+            raise MusefmError(f"prompt_bars: counts Bar tokens, which {type(tokenizer).__name__} has none of")
+        starts = np.flatnonzero(np.isin(ids, bar_ids))  # bar k starts at starts[k]
+        if len(starts) > prompt_bars:
+            ids = ids[: starts[prompt_bars]]
+    return np.concatenate([[BOS], apply_bpe(tokenizer, ids)]).astype(np.int64)
+
+
+def prepare(config: GenerateConfig) -> Plan:
+    """Check everything (config, model, tokenizer, prompt, constraints); writes nothing."""
+    from musefm.generation.constraints import GrammarConstraint
+
+    config.validate()
+    model, tokenizer, model_dir = load_generator(config.model)
+    if config.bars and not len(bar_token_ids(tokenizer)):
+        raise MusefmError(f"bars: counts Bar tokens, which {type(tokenizer).__name__} has none of; use seconds")
+    prompt_ids = prompt_ids_from(tokenizer, config.prompt, config.prompt_bars)
+    constraint = None
+    if config.constrained:
+        pitch_range = (config.pitch_low, config.pitch_high) if config.pitch_low is not None else None
+        constraint = GrammarConstraint(tokenizer, key=config.key, pitch_range=pitch_range, programs=config.programs,
+                                       time_signature=config.time_signature)
+        try:
+            constraint.start(prompt_ids)
+        except MusefmError as error:
+            raise MusefmError(f"{config.prompt}: the grammar rejects the prompt ({error})") from None
+    return Plan(model, tokenizer, model_dir, prompt_ids, constraint)
+
+
+def grammar_errors(tokenizer, ids) -> int | None:
+    """MidiTok's count of grammar errors in model ids (None when the tokenizer has no such check)."""
+    if not hasattr(tokenizer, "tokens_errors"):
+        return None
+    body = [int(i) for i in ids if int(i) not in tokenizer.special_tokens_ids]
+    return round(float(tokenizer.tokens_errors(body)) * len(body)) if body else 0
+
+
+def write_sample(sample: Sample, index: int, out: Path, plan: Plan, config: GenerateConfig, stream) -> Path:
+    """The MIDI, WAV, PNG and JSON files of one sample; returns the JSON path."""
+    from musefm.audio.render import render_midi
+    from musefm.viz.pianoroll import plot_pianoroll
+
+    stem = out / f"sample_{index:02d}"
+    prompt_score = decode_ids(plan.tokenizer, sample.ids[: sample.prompt_length])
+    score = sample.score
+    score.dump_midi(str(stem.with_suffix(".mid")))
+    audio, audio_note = None, None
+    if config.render:
+        try:
+            audio = render_midi(stem.with_suffix(".mid"), stem.with_suffix(".wav")).name
+        except MusefmError as error:
+            audio_note = f"no audio: {error}"
+            print(f"sample {index}: {audio_note}", file=stream)
+    has_prompt = config.prompt is not None
+    prompt_end = prompt_score.end() / prompt_score.ticks_per_quarter if has_prompt else None
+    title = (f"{Path(str(config.prompt)).name}: prompt, then {len(sample.new_ids)} generated tokens" if has_prompt
+             else f"from scratch: {len(sample.new_ids)} generated tokens")
+    plot_pianoroll(score, stem.with_suffix(".png"), title=title, highlight_from_quarter=prompt_end)
+    new_bars = int(np.isin(music_ids(plan.tokenizer, sample.new_ids), bar_token_ids(plan.tokenizer)).sum())
+    seconds, prompt_seconds = seconds_of(score), seconds_of(prompt_score)
+    record = {
+        "settings": to_dict(config),
+        "seed": sample.seed,
+        "model_dir": str(plan.model_dir),
+        "prompt": {"source": config.prompt, "bars": config.prompt_bars, "tokens": sample.prompt_length},
+        "stopped": sample.stopped,
+        "num_tokens": len(sample.new_ids),
+        "token_ids": [int(i) for i in sample.new_ids],
+        "log_probs": [round(float(p), 6) for p in sample.log_probs],
+        "mean_log_prob": float(np.mean(sample.log_probs)) if len(sample.log_probs) else None,
+        "new_bars": new_bars,
+        "notes": score.note_num(),
+        "generated_notes": score.note_num() - prompt_score.note_num(),
+        "seconds": round(seconds, 4),
+        "generated_seconds": round(seconds - prompt_seconds, 4),
+        "grammar_errors": grammar_errors(plan.tokenizer, sample.ids),
+        "files": {"midi": stem.with_suffix(".mid").name, "audio": audio, "pianoroll": stem.with_suffix(".png").name},
+        "audio_note": audio_note,
+    }
+    path = stem.with_suffix(".json")
+    path.write_text(json.dumps(record, indent=2))
+    return path
+
+
+def main(config: GenerateConfig, stream=None) -> list[Path]:
+    """Generate ``config.num_samples`` pieces into ``config.out``; returns the sample JSON paths."""
+    stream = stream or sys.stderr
+    plan = prepare(config)
+    max_tokens, bars, seconds = config.stop_rules()
+    samples = generate_samples(plan.model, plan.tokenizer, plan.prompt_ids, num_samples=config.num_samples,
+                               max_tokens=max_tokens, bars=bars, seconds=seconds, temperature=config.temperature,
+                               top_k=config.top_k, top_p=config.top_p, seed=config.seed, beam=config.beam,
+                               constraint=plan.constraint)
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index, sample in enumerate(samples):
+        paths.append(write_sample(sample, index, out, plan, config, stream))
+        print(f"sample {index}: {len(sample.new_ids)} new tokens ({sample.stopped}), {sample.score.note_num()} notes "
+              f"-> {paths[-1].with_suffix('.mid')}", file=stream)
+    return paths
