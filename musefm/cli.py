@@ -85,6 +85,7 @@ def _generate(args) -> int:
         "top_p": args.top_p, "beam": args.beam, "max_tokens": args.max_tokens, "bars": args.bars,
         "seconds": args.seconds, "key": args.key, "pitch_low": low, "pitch_high": high, "programs": programs,
         "time_signature": args.time_signature, "constrained": not args.no_constraint, "render": not args.no_audio,
+        "max_notes_per_onset": args.max_notes_per_onset,
     })
     written = generate(config)
     print(f"{len(written)} sample(s) written to {config.out}")
@@ -173,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--pitch-range", type=int, nargs=2, metavar=("LOW", "HIGH"))
     generate.add_argument("--programs", help="allowed MIDI programs, e.g. 0,40 (-1 = drums)")
     generate.add_argument("--time-signature", help="e.g. 3/4")
+    generate.add_argument("--max-notes-per-onset", type=int, default=12, help="cap on notes starting together (0: none)")
     generate.add_argument("--no-constraint", action="store_true", help="sample without the token grammar")
     generate.add_argument("--no-audio", action="store_true", help="skip the WAV rendering")
     generate.set_defaults(func=_generate)

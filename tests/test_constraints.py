@@ -278,3 +278,24 @@ def test_seeds_reproduce_and_prompts_are_continued(tokenizers, models, encoded_p
     # One row of a batch is the single-sample path, draw for draw.
     batched = sample_batch(model, prompt, 1, 60, top_p=0.95, seed=5, constraint=constraint)[0]
     assert torch.equal(batched[0], first[0])
+
+
+@pytest.mark.parametrize("name", ["remi", "tsd"])
+def test_max_notes_per_onset_caps_every_onset(name, tokenizers, models):
+    tokenizer = tokenizers[name]
+    constraint = GrammarConstraint(tokenizer, max_notes_per_onset=2)
+    rows = sample_batch(models[name], torch.tensor([BOS]), 20, 150, seed=5, constraint=constraint)
+    time_tokens = ("Position", "TimeShift", "Bar")
+    largest = 0
+    for tokens, _ in rows:
+        assert tokenizer.tokens_errors(np.r_[BOS, tokens.numpy()]) == 0
+        at_onset = 0
+        for token in token_names(tokenizer, tokens):
+            if token.startswith(time_tokens):
+                at_onset = 0
+            elif token.startswith("Duration"):
+                at_onset += 1
+                largest = max(largest, at_onset)
+    assert largest == 2  # reached, never exceeded
+    with pytest.raises(MusefmError, match="max_notes_per_onset"):
+        GrammarConstraint(tokenizer, max_notes_per_onset=0)

@@ -95,6 +95,7 @@ class GrammarState:
     bar_positions: int = 0  # REMI: how many Positions the current bar has (set by its TimeSig)
     drum: bool = False  # the current note group's Program is drums, so PitchDrum follows, not Pitch
     has_notes: bool = False  # a complete note exists, so EOS may end the piece
+    onset_notes: int = 0  # complete notes at the current onset (for max_notes_per_onset)
 
 
 class GrammarConstraint:
@@ -103,7 +104,9 @@ class GrammarConstraint:
     ``key``: a key name (``"G major"``, see ``SCALE_STEPS`` for modes) or explicit pitch classes
     (0 = C). ``pitch_range``: (lowest, highest) MIDI pitch, inclusive. ``programs``: the MIDI
     programs notes may use (-1 = drums). ``time_signature``: ``"3/4"`` or ``(3, 4)``, the only one
-    allowed. A combination that leaves nothing to generate raises ``MusefmError`` here.
+    allowed. ``max_notes_per_onset``: no more notes than this may start at one time (an undertrained
+    model otherwise tends to pile notes onto one onset instead of moving on). A combination that
+    leaves nothing to generate raises ``MusefmError`` here.
 
     Use: ``state = constraint.start(prompt)``, then per step ``constraint.allowed(state)`` (a (V,)
     bool mask) and ``state = constraint.advance(state, token)``.
@@ -111,7 +114,10 @@ class GrammarConstraint:
 
     def __init__(self, tokenizer: MusicTokenizer, *, key: str | Iterable[int] | None = None,
                  pitch_range: tuple[int, int] | None = None, programs: Iterable[int] | None = None,
-                 time_signature: str | Sequence[int] | None = None):
+                 time_signature: str | Sequence[int] | None = None, max_notes_per_onset: int | None = None):
+        if max_notes_per_onset is not None and max_notes_per_onset < 1:
+            raise MusefmError(f"max_notes_per_onset must be >= 1, got {max_notes_per_onset}")
+        self.max_notes_per_onset = max_notes_per_onset
         self.tokenizer = tokenizer
         self.is_remi = _check_supported(tokenizer)
         vocab = tokenizer._vocab_base
@@ -273,15 +279,19 @@ class GrammarConstraint:
         if token_type == END:
             return GrammarState(END, has_notes=state.has_notes)  # one finished state, whatever came before
         if token_type == "Bar":
-            return replace(state, kind=token_type, position=-1)
+            return replace(state, kind=token_type, position=-1, onset_notes=0)
         if token_type == "TimeSig" and self.is_remi:
             return replace(state, kind=token_type, bar_positions=value)
-        if token_type == "Position":
-            return replace(state, kind=token_type, position=value)
+        if token_type in ("Position", "TimeShift"):
+            return replace(state, kind=token_type, position=value if token_type == "Position" else state.position,
+                           onset_notes=0)
         if token_type == "Program":
             return replace(state, kind=token_type, drum=value == DRUM_PROGRAM and self.uses_drum_tokens)
         if token_type == "Duration":
-            return replace(state, kind=token_type, drum=False, has_notes=True)
+            # The counter saturates at the cap, which keeps the number of distinct states (and cached masks) small.
+            cap = self.max_notes_per_onset or 0
+            return replace(state, kind=token_type, drum=False, has_notes=True,
+                           onset_notes=min(state.onset_notes + 1, cap))
         return replace(state, kind=token_type)
 
     def _mask(self, state: GrammarState, restricted: bool) -> tuple[np.ndarray, torch.Tensor]:
@@ -316,6 +326,8 @@ class GrammarConstraint:
                 mask |= masks[token_type]
         if state.kind in self.eos_kinds and state.has_notes:
             mask[self.special_ids["EOS"]] = True
+        if restricted and self.max_notes_per_onset and state.onset_notes >= self.max_notes_per_onset:
+            mask[self.type_masks["Program"]] = False  # this onset is full: move on in time
         return mask
 
 

@@ -111,7 +111,7 @@ def run_demo(out: Path, quick: bool = False, stream=None) -> Path:
     bar_ids = np.array([i for token, i in tokenizer._vocab_base.items() if token.startswith("Bar_")])
     prompt = _prompt_of(ids, bar_ids, PROMPT_BARS)
     # Grammar-constrained: every sampled token can follow the previous ones, so the music decodes.
-    constraint = GrammarConstraint(tokenizer)
+    constraint = GrammarConstraint(tokenizer, max_notes_per_onset=8)  # chorales and tunes: few voices
     new_tokens, log_probs = sample(model, torch.from_numpy(prompt), max_new_tokens=64 if quick else 512,
                                    temperature=1.0, top_k=0, top_p=0.95, seed=0, constraint=constraint)
     body = np.concatenate([prompt[1:], new_tokens.numpy()])

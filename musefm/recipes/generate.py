@@ -61,6 +61,7 @@ class GenerateConfig:
     pitch_high: int | None = None
     programs: list[int] | None = None
     time_signature: str | None = None
+    max_notes_per_onset: int = 12  # no onset may start more notes (0 = no limit)
     constrained: bool = True  # grammar-constrained decoding (always valid output)
     render: bool = True  # WAV through FluidSynth; skipped with a note when unavailable
 
@@ -69,7 +70,7 @@ class GenerateConfig:
             raise MusefmError("no model given (--model RUN_OR_MODEL_DIR)")
         if not self.out:
             raise MusefmError("no output directory given (--out)")
-        for name in ("prompt_bars", "top_k", "beam", "max_tokens", "bars"):
+        for name in ("prompt_bars", "top_k", "beam", "max_tokens", "bars", "max_notes_per_onset"):
             if getattr(self, name) < 0:
                 raise MusefmError(f"{name}: must be 0 or more, got {getattr(self, name)}")
         if self.num_samples < 1:
@@ -394,7 +395,8 @@ def prepare(config: GenerateConfig) -> Plan:
     if config.constrained:
         pitch_range = (config.pitch_low, config.pitch_high) if config.pitch_low is not None else None
         constraint = GrammarConstraint(tokenizer, key=config.key, pitch_range=pitch_range, programs=config.programs,
-                                       time_signature=config.time_signature)
+                                       time_signature=config.time_signature,
+                                       max_notes_per_onset=config.max_notes_per_onset or None)
         try:
             constraint.start(prompt_ids)
         except MusefmError as error:
