@@ -35,6 +35,23 @@ TRANSFORMER_SIZES = {
 }
 
 
+def validate_transformer(config) -> None:
+    """The checks every transformer family's config shares; MusefmError names the bad field."""
+    for name in ("d_model", "n_layers", "n_heads", "d_ff", "max_seq_len", "max_relative"):
+        if getattr(config, name) < 1:
+            raise MusefmError(f"{name}: must be at least 1, got {getattr(config, name)}")
+    if config.d_model % config.n_heads:
+        raise MusefmError(f"n_heads: d_model {config.d_model} is not a multiple of n_heads {config.n_heads}")
+    if config.position not in ("rope", "relative"):
+        raise MusefmError(f"position: must be 'rope' or 'relative', got {config.position!r}")
+    if config.position == "rope" and (config.d_model // config.n_heads) % 2:
+        raise MusefmError(f"n_heads: rope needs an even head size, d_model/n_heads = {config.d_model // config.n_heads}")
+    if not 0.0 <= config.dropout < 1.0:
+        raise MusefmError(f"dropout: must be in [0, 1), got {config.dropout}")
+    if config.rope_base <= 1.0:
+        raise MusefmError(f"rope_base: must exceed 1, got {config.rope_base}")
+
+
 def config_from_presets(presets: dict, name: str, family: str, **overrides):
     """Preset ``name``'s config with ``overrides`` applied and validated (unknown keys are named)."""
     if name not in presets:

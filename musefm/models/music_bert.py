@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from musefm.errors import MusefmError
-from musefm.models.base import TRANSFORMER_SIZES, PretrainedModel, config_from_presets
+from musefm.models.base import TRANSFORMER_SIZES, PretrainedModel, config_from_presets, validate_transformer
 from musefm.modules.attention import build_attention_mask
 from musefm.modules.positions import RotaryEmbedding
 from musefm.modules.transformer import TransformerBlock
@@ -72,19 +72,7 @@ class MusicBERTConfig:
             if size <= SPECIAL_TOKENS:
                 raise MusefmError(f"field_vocab_sizes: field {name!r} has {size} tokens, "
                                   f"no more than the {SPECIAL_TOKENS} special ones")
-        for name in ("d_model", "n_layers", "n_heads", "d_ff", "max_seq_len", "max_relative"):
-            if getattr(self, name) < 1:
-                raise MusefmError(f"{name}: must be at least 1, got {getattr(self, name)}")
-        if self.d_model % self.n_heads:
-            raise MusefmError(f"n_heads: d_model {self.d_model} is not a multiple of n_heads {self.n_heads}")
-        if self.position not in ("rope", "relative"):
-            raise MusefmError(f"position: must be 'rope' or 'relative', got {self.position!r}")
-        if self.position == "rope" and (self.d_model // self.n_heads) % 2:
-            raise MusefmError(f"n_heads: rope needs an even head size, d_model/n_heads = {self.d_model // self.n_heads}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise MusefmError(f"dropout: must be in [0, 1), got {self.dropout}")
-        if self.rope_base <= 1.0:
-            raise MusefmError(f"rope_base: must exceed 1, got {self.rope_base}")
+        validate_transformer(self)
         if not 0.0 < self.mask_probability < 1.0:
             raise MusefmError(f"mask_probability: must be in (0, 1), got {self.mask_probability}")
         if self.masking not in ("random", "element", "bar"):

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from musefm.errors import MusefmError
-from musefm.models.base import TRANSFORMER_SIZES, PretrainedModel, config_from_presets
+from musefm.models.base import TRANSFORMER_SIZES, PretrainedModel, config_from_presets, validate_transformer
 from musefm.modules.attention import KVCache, build_attention_mask
 from musefm.modules.positions import RotaryEmbedding
 from musefm.modules.transformer import TransformerBlock, next_memory, next_memory_mask
@@ -60,23 +60,11 @@ class MusicLMConfig:
         if self.vocab_size < 0 or (require_vocab and self.vocab_size == 0):
             raise MusefmError(f"vocab_size: must be set from the tokenizer (> 0) before building a model, "
                               f"got {self.vocab_size}")
-        for name in ("d_model", "n_layers", "n_heads", "d_ff", "max_seq_len", "max_relative"):
-            if getattr(self, name) < 1:
-                raise MusefmError(f"{name}: must be at least 1, got {getattr(self, name)}")
-        if self.d_model % self.n_heads:
-            raise MusefmError(f"n_heads: d_model {self.d_model} is not a multiple of n_heads {self.n_heads}")
-        if self.position not in ("rope", "relative"):
-            raise MusefmError(f"position: must be 'rope' or 'relative', got {self.position!r}")
-        if self.position == "rope" and (self.d_model // self.n_heads) % 2:
-            raise MusefmError(f"n_heads: rope needs an even head size, d_model/n_heads = {self.d_model // self.n_heads}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise MusefmError(f"dropout: must be in [0, 1), got {self.dropout}")
+        validate_transformer(self)
         if not 0.0 <= self.attention_dropout < 1.0:
             raise MusefmError(f"attention_dropout: must be in [0, 1), got {self.attention_dropout}")
         if self.memory_len < 0:
             raise MusefmError(f"memory_len: must be 0 (no memory) or more, got {self.memory_len}")
-        if self.rope_base <= 1.0:
-            raise MusefmError(f"rope_base: must exceed 1, got {self.rope_base}")
         if self.pad_id < 0 or (self.vocab_size and self.pad_id >= self.vocab_size):
             raise MusefmError(f"pad_id: {self.pad_id} is not a token id of a {self.vocab_size}-token vocabulary")
 
