@@ -105,6 +105,41 @@ def _evaluate(args) -> int:
     return 0
 
 
+def _finetune(args) -> int:
+    from musefm.config import apply_overrides, from_dict
+    from musefm.recipes.finetune import FinetuneConfig, main as finetune
+
+    given = {"model": args.model, "data": args.data, "out": args.out, "task": args.task, "labels_csv": args.labels,
+             "linear_probe": args.linear_probe, "freeze_layers": args.freeze_layers, "pooling": args.pooling,
+             "balance": args.balance, "label_fraction": args.label_fraction, "steps": args.steps, "seed": args.seed}
+    config = from_dict(FinetuneConfig, {key: value for key, value in given.items() if value is not None})
+    config = apply_overrides(config, args.overrides)
+    summary = finetune(config, overwrite=args.overwrite)
+    scores = (f": {summary['split']} accuracy {summary['accuracy']:.3f}, macro-F1 {summary['macro_f1']:.3f}"
+              if "accuracy" in summary else "")
+    print(f"{config.out}{scores} (metrics.json, confusion_matrix.png)")
+    return 0
+
+
+def _predict(args) -> int:
+    from musefm.recipes.finetune import predict
+
+    for piece, (label, probability) in zip(args.pieces, predict(args.model, args.pieces, data=args.data)):
+        print(f"{piece}\t{label}\t{probability:.3f}")
+    return 0
+
+
+def _embed(args) -> int:
+    from musefm.config import from_dict
+    from musefm.recipes.embed import EmbedConfig, main as embed
+
+    given = {"model": args.model, "source": args.source, "out": args.out, "pooling": args.pooling,
+             "per_bar": args.per_bar, "map": args.map, "color_by": args.color_by}
+    summary = embed(from_dict(EmbedConfig, {key: value for key, value in given.items() if value is not None}))
+    print(f"{summary['pieces']} pieces x {summary['dimension']} dimensions written to {summary['out']}")
+    return 0
+
+
 def _demo(args) -> int:
     from musefm.recipes.demo import run_demo
 
@@ -187,6 +222,39 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--limit", type=int, default=0, help="at most N pieces per set")
     evaluate.add_argument("--json", action="store_true", help="print the results as JSON")
     evaluate.set_defaults(func=_evaluate)
+
+    finetune = commands.add_parser("finetune", help="fine-tune or probe a pretrained model on a labelled task")
+    finetune.add_argument("--model", required=True, help="pretrained run or model directory")
+    finetune.add_argument("--data", required=True, help="dataset directory (same tokenizer as the model)")
+    finetune.add_argument("--task", choices=["composer", "collection", "key", "mode", "meter", "labels"])
+    finetune.add_argument("--labels", help="CSV of piece,label (task labels)")
+    finetune.add_argument("--out", required=True)
+    finetune.add_argument("--linear-probe", action="store_true", default=None, help="train only the head")
+    finetune.add_argument("--freeze-layers", type=int, help="freeze the embeddings and the first N blocks")
+    finetune.add_argument("--pooling", choices=["mean", "first", "last"])
+    finetune.add_argument("--balance", choices=["none", "weights", "sampling"])
+    finetune.add_argument("--label-fraction", type=float, help="use this share of the training labels")
+    finetune.add_argument("--steps", type=int)
+    finetune.add_argument("--seed", type=int)
+    finetune.add_argument("--overwrite", action="store_true")
+    finetune.add_argument("overrides", nargs="*", help="key=value, e.g. lr=3e-4 batch_size=32")
+    finetune.set_defaults(func=_finetune)
+
+    predict = commands.add_parser("predict", help="labels of pieces from a fine-tuned classifier")
+    predict.add_argument("--model", required=True, help="classifier run or model directory")
+    predict.add_argument("--data", help="dataset, to name pieces by manifest id")
+    predict.add_argument("pieces", nargs="+", help="music files, corpus ids or manifest ids")
+    predict.set_defaults(func=_predict)
+
+    embed = commands.add_parser("embed", help="one vector per piece (and per bar) with a 2-D map")
+    embed.add_argument("--model", required=True)
+    embed.add_argument("--source", required=True, help="dataset directory, corpus spec or folder")
+    embed.add_argument("--out", required=True)
+    embed.add_argument("--pooling", choices=["mean", "first", "last"])
+    embed.add_argument("--per-bar", action="store_true", default=None)
+    embed.add_argument("--map", choices=["pca", "tsne", "none"])
+    embed.add_argument("--color-by", help="manifest field colouring the map (e.g. composer)")
+    embed.set_defaults(func=_embed)
 
     demo = commands.add_parser("demo", help="the main job on the bundled corpus")
     demo.add_argument("--out", default="runs/demo")
