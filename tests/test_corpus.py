@@ -155,3 +155,12 @@ def test_ties_are_merged_like_a_reader_hears_them():
     assert [(s // tpq, d // tpq, p) for s, d, p, _ in notes] == [
         (0, 3, 60), (3, 3, 64), (6, 1, 64), (7, 2, 67), (7, 2, 71),
     ]
+
+
+def test_metadata_is_one_line_and_charts_take_any_label():
+    from musefm.viz.charts import bar_chart
+
+    assert corpus._one_line("Philippe de Vitry\n(1291-1361)") == "Philippe de Vitry (1291-1361)"
+    assert corpus._one_line(" \n ") is None and corpus._one_line(None) is None
+    assert corpus._composer("Bach, Johann\nSebastian", "J. S. Bach") == "J. S. Bach"
+    assert bar_chart(["two\nlines", "one"], [2, 3], "labels").size[1] > 0

@@ -287,8 +287,14 @@ def _time_signature_label(score: Score) -> str | None:
     return None
 
 
+def _one_line(text: str | None) -> str | None:
+    """Metadata as one line: encoders put line breaks inside names ('Philippe de Vitry\n(1291-1361)')."""
+    return " ".join(text.split()) or None if text else None
+
+
 def _composer(named: str | None, collection_composer: str | None) -> str | None:
     """The file's composer, spelled as the collection's when both name the same person."""
+    named = _one_line(named)
     if not named:
         return collection_composer
     surname = collection_composer.split()[-1].lower() if collection_composer else None
@@ -332,8 +338,8 @@ def load_item(item: SourceItem, cache_dir: Path | None) -> list[Piece | Rejectio
         meta = PieceMeta(
             id=f"{item.key}#{info.index}" if multi else item.key, source=item.source, path=item.path,
             collection=item.collection, composer=_composer(info.composer, item.composer),
-            title=info.title or item.title or path.stem, key=info.key, key_source=info.key_source,
-            time_signature=info.time_signature, license=info.license or item.license, split=item.split,
+            title=_one_line(info.title) or item.title or path.stem, key=info.key, key_source=info.key_source,
+            time_signature=info.time_signature, license=_one_line(info.license) or item.license, split=item.split,
             audio_path=item.audio_path, extra=dict(item.extra),
         )
         results.append(Piece(score, meta))

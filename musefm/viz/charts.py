@@ -78,7 +78,7 @@ class Chart:
 def bar_chart(labels: list[str], values: list[float], title: str, width: int = 600, height: int | None = None,
               horizontal: bool = True, colour=PALETTE[0]) -> Image.Image:
     """Bars with their value written beside them; horizontal bars read best for long names."""
-    labels = [str(label) for label in labels]
+    labels = [" ".join(str(label).split()) for label in labels]  # Pillow cannot measure multi-line text
     values = [float(v) for v in values]
     if horizontal:
         probe = Chart(10, 10, "")
