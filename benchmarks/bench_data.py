@@ -18,11 +18,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-import numpy as np
 
 
 def make_midi_files(folder: Path, count: int) -> list[Path]:

@@ -66,7 +66,6 @@ def pretrain(work: Path, data: Path, sizes: dict, args, quiet) -> tuple[Path, di
     done = out / "bench_done.json"
     if done.is_file() and not args.retrain:
         return out, json.loads(done.read_text()) | {"cached": True}
-    settings = ",".join(f"{k}={v}" for k, v in sizes["model_settings"].items())
     extra = [f"train.max_steps={sizes['pretrain_steps']}", f"train.max_minutes={args.pretrain_minutes}",
              "train.warmup_steps=50", "train.eval_every=200", "train.save_every=200", "train.eval_batches=10",
              "train.log_every=50", "train.seed=0", f"seq_len={sizes['seq_len']}", f"train.device={args.device}",

@@ -24,7 +24,6 @@ import multiprocessing
 import os
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +31,7 @@ from typing import Literal
 
 import numpy as np
 
+from musefm.atomic import save_npy_atomic, write_text_atomic
 from musefm.data import corpus
 from musefm.data.convert import default_cache_dir
 from musefm.data.tokenize import (
@@ -177,20 +177,8 @@ def process_item(item: corpus.SourceItem):
 # --------------------------------------------------------------------------------------------
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp", encoding="utf-8") as handle:
-        handle.write(text)
-    os.replace(handle.name, path)
-
-
-def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    with tempfile.NamedTemporaryFile(dir=path.parent, delete=False, suffix=".tmp") as handle:
-        np.save(handle, array)
-    os.replace(handle.name, path)
-
-
 def _write_jsonl(path: Path, rows) -> None:
-    _atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    write_text_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -230,10 +218,10 @@ class ShardWriter:
         name = f"{self.index:05d}"
         shape = (0, self.fields) if self.fields > 1 else (0,)
         array = np.concatenate(self.arrays) if self.arrays else np.zeros(shape, self.dtype)
-        _atomic_save_npy(self.shard_dir / f"{name}.npy", array.astype(self.dtype, copy=False))
+        save_npy_atomic(self.shard_dir / f"{name}.npy", array.astype(self.dtype, copy=False))
         record = {"shard": name, "items": self.items, "pieces": self.pieces, "rejected": self.rejected,
                   "pitch_histogram": self.histogram.tolist()}
-        _atomic_write_text(self.shard_dir / f"{name}.json", json.dumps(record, ensure_ascii=False))
+        write_text_atomic(self.shard_dir / f"{name}.json", json.dumps(record, ensure_ascii=False))
         self.index += 1
         self._reset()
 
@@ -321,7 +309,7 @@ def build_dataset(config: BuildConfig, overwrite: bool = False, stream=None) -> 
                             len(items), time.monotonic() - started)
     info = {"format": FORMAT, "version": FORMAT_VERSION, "identity": config.identity(), "status": "building",
             "tokenizer": tokenizer_name(tokenizer), "id_dtype": np.dtype(id_dtype(tokenizer)).name, "fields": fields}
-    _atomic_write_text(out / "dataset.json", json.dumps(info, indent=2))
+    write_text_atomic(out / "dataset.json", json.dumps(info, indent=2))
 
     next_index = max((int(r["shard"]) for r in records), default=-1) + 1
     writer = ShardWriter(shard_dir, next_index, config.shard_pieces, id_dtype(tokenizer), fields)
@@ -398,5 +386,5 @@ def _finalize(out: Path, config: BuildConfig, tokenizer, info: dict, resumed: in
     tokens = int(sum(row["length"] for row in manifest))
     info.update(status="complete", pieces=len(manifest), rejected=len(rejected), tokens=tokens, splits=splits,
                 bpe_vocab_size=config.bpe_vocab_size)
-    _atomic_write_text(out / "dataset.json", json.dumps(info, indent=2))
+    write_text_atomic(out / "dataset.json", json.dumps(info, indent=2))
     return BuildSummary(out, len(manifest), len(rejected), tokens, splits, resumed, time.monotonic() - started)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from symusic import KeySignature, Note, Score, Tempo, TimeSignature, Track
 
+from musefm.atomic import write_text_atomic
 from musefm.data.music import estimate_key, key_from_signature
 from musefm.errors import BadInputError
 
@@ -268,9 +268,7 @@ def load_notation_cached(path: Path, cache_dir: Path | None) -> list[tuple[Score
         results, record = error, {"source": str(path), "error": error.reason}
     entry.parent.mkdir(parents=True, exist_ok=True)
     # Atomic: a killed build never leaves a truncated cache entry behind.
-    with tempfile.NamedTemporaryFile("w", dir=entry.parent, delete=False, suffix=".tmp") as handle:
-        json.dump(record, handle)
-    os.replace(handle.name, entry)
+    write_text_atomic(entry, json.dumps(record))
     if isinstance(results, BadInputError):
         raise results
     return results

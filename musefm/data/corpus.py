@@ -29,7 +29,7 @@ from musefm.data.convert import (
     load_notation_cached,
     read_midi,
 )
-from musefm.data.music import estimate_key, key_from_signature
+from musefm.data.music import estimate_key
 from musefm.errors import BadInputError, MusefmError
 
 MUSIC21_LICENSE = (

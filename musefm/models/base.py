@@ -10,14 +10,12 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from musefm.atomic import atomic_directory
 from musefm.config import from_dict
 from musefm.errors import MusefmError
 
@@ -66,25 +64,6 @@ def family_class(family: str):
     return getattr(importlib.import_module(module), name)
 
 
-def atomic_directory(final: Path):
-    """A fresh temporary directory beside ``final``; ``commit_directory`` renames it into place."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-
-
-def commit_directory(temporary: Path, final: Path) -> None:
-    """Replace ``final`` by ``temporary`` (old contents removed only once the new ones are whole)."""
-    final = Path(final)
-    if final.exists():
-        trash = Path(tempfile.mkdtemp(prefix=f".{final.name}.old.", dir=final.parent))
-        os.replace(final, trash / final.name)
-        os.replace(temporary, final)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(temporary, final)
-
-
 def versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -120,15 +99,9 @@ class PretrainedModel(nn.Module):
         (directory / "config.json").write_text(json.dumps(config, indent=2))
 
     def save_pretrained(self, directory) -> Path:
-        directory = Path(directory)
-        temporary = atomic_directory(directory)
-        try:
-            self.write_files(temporary)
-        except BaseException:
-            shutil.rmtree(temporary, ignore_errors=True)
-            raise
-        commit_directory(temporary, directory)
-        return directory
+        with atomic_directory(directory) as folder:
+            self.write_files(folder)
+        return Path(directory)
 
     @classmethod
     def from_pretrained(cls, directory, map_location: str = "cpu"):

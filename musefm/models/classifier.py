@@ -35,7 +35,8 @@ from torch import nn
 
 from musefm.config import from_dict
 from musefm.errors import MusefmError
-from musefm.models.base import atomic_directory, commit_directory, family_class, read_model_config, versions
+from musefm.atomic import atomic_directory
+from musefm.models.base import family_class, read_model_config, versions
 
 FAMILY = "classifier"
 
@@ -177,17 +178,11 @@ class PieceClassifier(nn.Module):
 
     def save_pretrained(self, directory, tokenizer_path=None) -> Path:
         """Write the classifier directory atomically (with ``tokenizer.json`` when given)."""
-        directory = Path(directory)
-        temporary = atomic_directory(directory)
-        try:
-            self.write_files(temporary)
+        with atomic_directory(directory) as folder:
+            self.write_files(folder)
             if tokenizer_path is not None:
-                shutil.copyfile(tokenizer_path, temporary / "tokenizer.json")
-        except BaseException:
-            shutil.rmtree(temporary, ignore_errors=True)
-            raise
-        commit_directory(temporary, directory)
-        return directory
+                shutil.copyfile(tokenizer_path, folder / "tokenizer.json")
+        return Path(directory)
 
     @classmethod
     def from_pretrained(cls, directory, map_location: str = "cpu") -> "PieceClassifier":

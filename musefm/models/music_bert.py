@@ -23,7 +23,6 @@ without them is valid as a config, and building a model requires them.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -35,7 +34,7 @@ from musefm.errors import MusefmError
 from musefm.models.base import TRANSFORMER_SIZES, PretrainedModel, config_from_presets, validate_transformer
 from musefm.modules.attention import build_attention_mask
 from musefm.modules.positions import RotaryEmbedding
-from musefm.modules.transformer import TransformerBlock
+from musefm.modules.transformer import TransformerBlock, init_gpt2_weights
 
 IGNORE_INDEX = -100  # labels of entries that are not predicted (F.cross_entropy's convention)
 SPECIAL_TOKENS = 4  # PAD, BOS, EOS, MASK are ids 0..3 of every field vocabulary; regular ids start here
@@ -153,18 +152,7 @@ class MusicBERT(PretrainedModel):
         )
         self.final_norm = nn.LayerNorm(config.d_model)
         self.output_head = nn.Linear(config.d_model, sum(sizes))  # all field classifiers, fused
-        self._init_weights()
-
-    def _init_weights(self) -> None:
-        """BERT/GPT-2 init: N(0, 0.02), zero biases, residual projections scaled by 1/sqrt(2 n_layers)."""
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            if isinstance(module, nn.Linear) and module.bias is not None:
-                nn.init.zeros_(module.bias)
-        for block in self.blocks:
-            for projection in block.residual_projections():
-                nn.init.normal_(projection.weight, mean=0.0, std=0.02 / math.sqrt(2 * self.config.n_layers))
+        init_gpt2_weights(self, self.blocks, config.n_layers)
 
     def _check_input(self, input_ids: torch.Tensor) -> None:
         if input_ids.dim() != 3 or input_ids.shape[-1] != self.n_fields:

@@ -19,7 +19,6 @@ new memory rows are real, and marks padded keys in a cache (a left-padded prompt
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -31,7 +30,7 @@ from musefm.errors import MusefmError
 from musefm.models.base import TRANSFORMER_SIZES, PretrainedModel, config_from_presets, validate_transformer
 from musefm.modules.attention import KVCache, build_attention_mask
 from musefm.modules.positions import RotaryEmbedding
-from musefm.modules.transformer import TransformerBlock, next_memory, next_memory_mask
+from musefm.modules.transformer import TransformerBlock, init_gpt2_weights, next_memory, next_memory_mask
 
 IGNORE_INDEX = -100  # targets that do not count in the loss (F.cross_entropy's convention)
 
@@ -108,19 +107,7 @@ class MusicLM(PretrainedModel):
             # One matrix reads tokens in and scores them out; saved once, under token_embedding.
             self.lm_head.weight = self.token_embedding.weight
         self.tied_weight_names = ("lm_head.weight",) if config.tie_embeddings else ()
-        self._init_weights()
-
-    def _init_weights(self) -> None:
-        """GPT-2: N(0, 0.02) weights, zero biases; layers adding into the residual stream get
-        std 0.02 / sqrt(2 n_layers) so the stream's variance does not grow with depth."""
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            if isinstance(module, nn.Linear) and module.bias is not None:
-                nn.init.zeros_(module.bias)
-        for block in self.blocks:
-            for projection in block.residual_projections():
-                nn.init.normal_(projection.weight, mean=0.0, std=0.02 / math.sqrt(2 * self.config.n_layers))
+        init_gpt2_weights(self, self.blocks, config.n_layers)
 
     def init_cache(self, batch_size: int, max_length: int | None = None) -> KVCache:
         """An empty KV cache; ``max_length = W`` makes it a sliding window (see ``KVCache``)."""

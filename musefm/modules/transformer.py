@@ -9,6 +9,8 @@ collects each layer's input to build the next memory with ``next_memory``.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -62,6 +64,19 @@ class TransformerBlock(nn.Module):
                                   cache=cache, layer_index=layer_index)
         hidden = hidden + self.residual_dropout(attended)
         return hidden + self.residual_dropout(self.mlp(self.mlp_norm(hidden)))
+
+
+def init_gpt2_weights(model: nn.Module, blocks, n_layers: int) -> None:
+    """GPT-2 init: N(0, 0.02) weights, zero biases; layers adding into the residual stream get
+    std 0.02 / sqrt(2 n_layers) so the stream's variance does not grow with depth."""
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+    for block in blocks:
+        for projection in block.residual_projections():
+            nn.init.normal_(projection.weight, mean=0.0, std=0.02 / math.sqrt(2 * n_layers))
 
 
 def next_memory(memory: torch.Tensor | None, layer_input: torch.Tensor, memory_len: int) -> torch.Tensor:

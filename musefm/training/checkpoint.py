@@ -14,39 +14,26 @@ plain containers only, and is read with ``torch.load(weights_only=True)``.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from musefm.errors import MusefmError
-from musefm.models.base import atomic_directory, commit_directory
+from musefm.atomic import atomic_directory, write_text_atomic
 
 CHECKPOINTS = "checkpoints"
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as handle:
-        handle.write(text)
-    os.replace(handle.name, path)
 
 
 def save_checkpoint(run_dir: Path, step: int, model, tokenizer_path: Path, train_state: dict, keep_last: int) -> Path:
     """Write checkpoint ``step`` and point ``latest`` at it; keep only the newest ``keep_last``."""
     folder = Path(run_dir) / CHECKPOINTS
     final = folder / f"step-{step:08d}"
-    temporary = atomic_directory(final)
-    try:
+    with atomic_directory(final) as temporary:
         model.write_files(temporary)
         shutil.copyfile(tokenizer_path, temporary / "tokenizer.json")
         torch.save(train_state, temporary / "train_state.pt")
-    except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
-        raise
-    commit_directory(temporary, final)
-    _write_text_atomic(folder / "latest", final.name)
+    write_text_atomic(folder / "latest", final.name)
     for old in sorted(p for p in folder.glob("step-*") if p.is_dir())[:-max(1, keep_last)]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -54,15 +41,10 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer_path: Path, train
 
 def save_best(run_dir: Path, model, tokenizer_path: Path, metrics: dict) -> Path:
     final = Path(run_dir) / "best"
-    temporary = atomic_directory(final)
-    try:
+    with atomic_directory(final) as temporary:
         model.write_files(temporary)
         shutil.copyfile(tokenizer_path, temporary / "tokenizer.json")
         (temporary / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
-        raise
-    commit_directory(temporary, final)
     return final
 
 
