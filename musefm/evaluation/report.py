@@ -102,6 +102,34 @@ def _memorization_note(memorization: dict) -> str:
             f"{memorization['copied_notes_threshold']} notes. Flagged: {flagged}.")
 
 
+def _document(results: dict) -> list[tuple]:
+    """The report as a list of blocks, rendered alike as Markdown and HTML: ("heading", level,
+    text), ("summary", text), ("paragraph", text), ("table", header, rows), ("image", src, alt)."""
+    blocks: list[tuple] = [("heading", 1, "Evaluation report"), ("summary", summary_line(results)),
+                           ("heading", 2, "Sets"), ("table", *_set_rows(results))]
+    header, rejections = _rejection_rows(results)
+    if rejections:
+        blocks += [("heading", 3, f"Skipped files ({len(rejections)})"), ("table", header, rejections)]
+    blocks += [("heading", 2, "Metrics"),
+               ("paragraph", "OA: overlapped area of the reference's intra-set distances and the generated-to-reference "
+                             "distances (1: as alike as the reference pieces are to each other). KL in nats. "
+                             "Means ± standard deviations over the pieces where a metric is defined."),
+               ("table", *_metric_rows(results))]
+    overview = results["pictures"].get("overview")
+    if overview:
+        blocks.append(("image", overview, "OA per metric"))
+    blocks.append(("heading", 3, "Distributions"))
+    blocks += [("image", values["histogram"], name) for name, values in results["metrics"].items() if values["histogram"]]
+    blocks.append(("heading", 2, "Memorization"))
+    memorization = results.get("memorization")
+    if memorization is None:
+        blocks.append(("paragraph", "Not checked (no training dataset given)."))
+    else:
+        blocks += [("paragraph", _memorization_note(memorization)), ("table", *_memorization_rows(memorization))]
+    blocks += [("heading", 2, "Settings"), ("table", *_settings_rows(results))]
+    return blocks
+
+
 # --------------------------------------------------------------------------------------------
 # Markdown
 # --------------------------------------------------------------------------------------------
@@ -115,30 +143,18 @@ def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def render_markdown(results: dict) -> str:
-    parts = ["# Evaluation report\n", f"**Summary:** {summary_line(results)}\n", "## Sets\n",
-             _markdown_table(*_set_rows(results))]
-    header, rejections = _rejection_rows(results)
-    if rejections:
-        parts += [f"### Skipped files ({len(rejections)})\n", _markdown_table(header, rejections)]
-    parts += ["## Metrics\n",
-              "OA: overlapped area of the reference's intra-set distances and the generated-to-reference "
-              "distances (1: as alike as the reference pieces are to each other). KL in nats. "
-              "Means ± standard deviations over the pieces where a metric is defined.\n",
-              _markdown_table(*_metric_rows(results))]
-    overview = results["pictures"].get("overview")
-    if overview:
-        parts.append(f"![OA per metric]({overview})\n")
-    parts.append("### Distributions\n")
-    for name, values in results["metrics"].items():
-        if values["histogram"]:
-            parts.append(f"![{name}]({values['histogram']})\n")
-    memorization = results.get("memorization")
-    parts.append("## Memorization\n")
-    if memorization is None:
-        parts.append("Not checked (no training dataset given).\n")
-    else:
-        parts += [_memorization_note(memorization) + "\n", _markdown_table(*_memorization_rows(memorization))]
-    parts += ["## Settings\n", _markdown_table(*_settings_rows(results))]
+    parts = []
+    for kind, *content in _document(results):
+        if kind == "heading":
+            parts.append("#" * content[0] + f" {content[1]}\n")
+        elif kind == "summary":
+            parts.append(f"**Summary:** {content[0]}\n")
+        elif kind == "paragraph":
+            parts.append(content[0] + "\n")
+        elif kind == "table":
+            parts.append(_markdown_table(*content))
+        else:
+            parts.append(f"![{content[1]}]({content[0]})\n")
     return "\n".join(parts)
 
 
@@ -168,28 +184,17 @@ def _html_table(header: list[str], rows: list[list[str]]) -> str:
 def render_html(results: dict) -> str:
     escape = html.escape
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>Evaluation report</title>"
-             f"<style>{_STYLE}</style></head><body>",
-             "<h1>Evaluation report</h1>", f"<p><b>Summary:</b> {escape(summary_line(results))}</p>",
-             "<h2>Sets</h2>", _html_table(*_set_rows(results))]
-    header, rejections = _rejection_rows(results)
-    if rejections:
-        parts += [f"<h3>Skipped files ({len(rejections)})</h3>", _html_table(header, rejections)]
-    parts += ["<h2>Metrics</h2>",
-              "<p>OA: overlapped area of the reference's intra-set distances and the generated-to-reference "
-              "distances (1: as alike as the reference pieces are to each other). KL in nats.</p>",
-              _html_table(*_metric_rows(results))]
-    overview = results["pictures"].get("overview")
-    if overview:
-        parts.append(f"<img src='{escape(overview)}' alt='OA per metric'>")
-    parts.append("<h3>Distributions</h3>")
-    for name, values in results["metrics"].items():
-        if values["histogram"]:
-            parts.append(f"<img src='{escape(values['histogram'])}' alt='{escape(name)}'>")
-    memorization = results.get("memorization")
-    parts.append("<h2>Memorization</h2>")
-    if memorization is None:
-        parts.append("<p>Not checked (no training dataset given).</p>")
-    else:
-        parts += [f"<p>{escape(_memorization_note(memorization))}</p>", _html_table(*_memorization_rows(memorization))]
-    parts += ["<h2>Settings</h2>", _html_table(*_settings_rows(results)), "</body></html>"]
+             f"<style>{_STYLE}</style></head><body>"]
+    for kind, *content in _document(results):
+        if kind == "heading":
+            parts.append(f"<h{content[0]}>{escape(content[1])}</h{content[0]}>")
+        elif kind == "summary":
+            parts.append(f"<p><b>Summary:</b> {escape(content[0])}</p>")
+        elif kind == "paragraph":
+            parts.append(f"<p>{escape(content[0])}</p>")
+        elif kind == "table":
+            parts.append(_html_table(*content))
+        else:
+            parts.append(f"<img src='{escape(content[0])}' alt='{escape(content[1])}'>")
+    parts.append("</body></html>")
     return "\n".join(parts) + "\n"
