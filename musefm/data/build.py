@@ -366,7 +366,7 @@ def _finalize(out: Path, config: BuildConfig, tokenizer, info: dict, resumed: in
     if config.bpe_vocab_size:
         from musefm.data.dataset import ShardStore
 
-        store = ShardStore(out, manifest)
+        store = ShardStore(out)
         train_rows = [row for row in manifest if row["split"] == "train"] or manifest
         train_bpe(tokenizer, (store.piece_ids(row) for row in train_rows), config.bpe_vocab_size)
         # How many base tokens one BPE token stands for: the loader cuts base windows by it.

@@ -22,7 +22,7 @@ import numpy as np
 from musefm.data.augment import AugmentConfig, TokenAugmenter
 from musefm.data.build import FORMAT, read_jsonl
 from musefm.data.music import key_index, transpose_key
-from musefm.data.tokenize import apply_bpe, load_tokenizer
+from musefm.data.tokenize import apply_bpe, bar_token_ids, load_tokenizer
 from musefm.errors import MusefmError
 
 PAD, BOS, EOS, MASK = 0, 1, 2, 3  # MidiTok's special token ids (in every Octuple vocabulary too)
@@ -31,7 +31,7 @@ PAD, BOS, EOS, MASK = 0, 1, 2, 3  # MidiTok's special token ids (in every Octupl
 class ShardStore:
     """Token ids of pieces, read from memory-mapped shards on demand."""
 
-    def __init__(self, root: Path, manifest: list[dict]):
+    def __init__(self, root: Path):
         self.root = Path(root)
         self._shards: dict[str, np.ndarray] = {}
 
@@ -53,7 +53,7 @@ class MusicDataset:
     manifest: list[dict]
 
     def __post_init__(self):
-        self.store = ShardStore(self.root, self.manifest)
+        self.store = ShardStore(self.root)
         self._tokenizer = None
         self._by_id = {row["id"]: i for i, row in enumerate(self.manifest)}
 
@@ -135,10 +135,10 @@ class TokenDataset:
     def _bar_token_ids(self) -> np.ndarray:
         if self.tokenizer.is_multi_voc:
             return np.zeros(0, np.int64)  # Octuple: bars are read from the bar column instead
-        bars = [i for token, i in self.tokenizer._vocab_base.items() if token.startswith("Bar_")]
-        if not bars:
+        bars = bar_token_ids(self.tokenizer)
+        if not len(bars):
             raise MusefmError(f"window='bar' needs bar tokens; {type(self.tokenizer).__name__} has none (use remi or octuple)")
-        return np.asarray(bars)
+        return bars
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch

@@ -122,6 +122,11 @@ def pitch_token_ids(tokenizer: MusicTokenizer) -> np.ndarray:
     return cached
 
 
+def bar_token_ids(tokenizer: MusicTokenizer) -> np.ndarray:
+    """Ids of the Bar tokens of a one-vocabulary tokenizer (empty for TSD, which has none)."""
+    return np.array([i for token, i in tokenizer._vocab_base.items() if token.startswith("Bar_")], dtype=np.int64)
+
+
 def decode(tokenizer: MusicTokenizer, ids: np.ndarray) -> Score:
     """Base ids (as stored in a dataset) back to a symusic Score."""
     ids = np.asarray(ids)

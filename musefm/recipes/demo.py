@@ -71,7 +71,8 @@ def _prompt_of(ids: np.ndarray, bar_ids: np.ndarray, bars: int) -> np.ndarray:
 def run_demo(out: Path, quick: bool = False, stream=None) -> Path:
     from musefm.audio.render import render_midi
     from musefm.data.dataset import open_dataset
-    from musefm.data.tokenize import decode
+    from musefm.data.tokenize import bar_token_ids, decode
+    from musefm.recipes.generate import music_ids
     from musefm.generation.constraints import GrammarConstraint
     from musefm.generation.sampling import sample
     from musefm.models.base import load_pretrained
@@ -108,14 +109,13 @@ def run_demo(out: Path, quick: bool = False, stream=None) -> Path:
     status = "held-out" if candidates else "training"
     tokenizer = dataset.tokenizer
     ids = np.asarray(dataset.piece_ids(row), dtype=np.int64)
-    bar_ids = np.array([i for token, i in tokenizer._vocab_base.items() if token.startswith("Bar_")])
-    prompt = _prompt_of(ids, bar_ids, PROMPT_BARS)
+    prompt = _prompt_of(ids, bar_token_ids(tokenizer), PROMPT_BARS)
     # Grammar-constrained: every sampled token can follow the previous ones, so the music decodes.
     constraint = GrammarConstraint(tokenizer, max_notes_per_onset=8)  # chorales and tunes: few voices
     new_tokens, log_probs = sample(model, torch.from_numpy(prompt), max_new_tokens=64 if quick else 512,
                                    temperature=1.0, top_k=0, top_p=0.95, seed=0, constraint=constraint)
     body = np.concatenate([prompt[1:], new_tokens.numpy()])
-    body = body[(body > 3)]  # special tokens carry no music
+    body = music_ids(tokenizer, body)  # special tokens carry no music
     continuation = decode(tokenizer, body)
     prompt_score = decode(tokenizer, prompt[1:])
     prompt_end = prompt_score.end() / prompt_score.ticks_per_quarter

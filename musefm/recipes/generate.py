@@ -34,6 +34,7 @@ from symusic import Score
 
 from musefm.config import to_dict
 from musefm.data.dataset import BOS, EOS
+from musefm.data.tokenize import bar_token_ids
 from musefm.errors import MusefmError
 
 CHUNK_TOKENS = 64  # bars/seconds rules: new tokens drawn between two checks of the rule
@@ -115,10 +116,6 @@ class Sample:
 
 
 # -- tokens and music ------------------------------------------------------------------------------------
-
-
-def bar_token_ids(tokenizer) -> np.ndarray:
-    return np.array([i for token, i in tokenizer._vocab_base.items() if token.startswith("Bar_")], dtype=np.int64)
 
 
 def music_ids(tokenizer, ids) -> np.ndarray:

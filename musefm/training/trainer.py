@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -254,7 +255,7 @@ class Trainer:
         for number, chunk in enumerate(micro):
             batch = _to_device(collate([self.train_data[i] for i in chunk]), self.device)
             sync = number == len(micro) - 1
-            context = self.loss_module.no_sync() if self.context.enabled and not sync else _null_context()
+            context = self.loss_module.no_sync() if self.context.enabled and not sync else nullcontext()
             with context:
                 with self._autocast():
                     if self.uses_memory:
@@ -361,11 +362,3 @@ class Trainer:
             self.logger.close()
         return {"step": self.step, "train": last_train, "valid": last_valid,
                 "best_valid_loss": self.best_valid_loss, "seconds": time.monotonic() - started}
-
-
-class _null_context:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
