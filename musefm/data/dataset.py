@@ -126,15 +126,16 @@ class TokenDataset:
         # With BPE a window is cut from base tokens long enough to fill seq_len after merging.
         ratio = float(self.dataset.info.get("bpe_ratio", 4.0)) if self.bpe else 1.0
         self.base_len = int(math.ceil(seq_len * ratio * 1.25)) + 8 if self.bpe else seq_len
-        if window == "bar":
-            self.bar_ids = self._bar_token_ids()
+        if window == "bar":  # found once here: __getitem__ is the loader's hot path
+            if tokenizer.is_multi_voc:
+                self.bar_field = self._octuple_bar_field()
+            else:
+                self.bar_ids = self._bar_token_ids()
         counts = [max(1, math.ceil((row["length"] + 2) / self.base_len)) for row in self.rows]
         self.piece_of_item = np.repeat(np.arange(len(self.rows)), counts)
         self.chunk_of_item = np.concatenate([np.arange(c) for c in counts])
 
     def _bar_token_ids(self) -> np.ndarray:
-        if self.tokenizer.is_multi_voc:
-            return np.zeros(0, np.int64)  # Octuple: bars are read from the bar column instead
         bars = bar_token_ids(self.tokenizer)
         if not len(bars):
             raise MusefmError(f"window='bar' needs bar tokens; {type(self.tokenizer).__name__} has none (use remi or octuple)")
@@ -157,8 +158,7 @@ class TokenDataset:
 
     def _bar_starts(self, framed: np.ndarray) -> np.ndarray:
         if self.fields > 1:
-            bar_field = self._octuple_bar_field()
-            bars = framed[:, bar_field]
+            bars = framed[:, self.bar_field]
             return np.flatnonzero(np.r_[True, bars[1:] != bars[:-1]])
         return np.r_[0, np.flatnonzero(np.isin(framed, self.bar_ids))]
 
