@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.musefm-installed
 # fluidsynth renders MIDI with soundfonts (it brings a General MIDI soundfont); the MuseScore
 # soundfont is the second timbre used for audio augmentation.
-DEBS := fluidsynth musescore-general-soundfont-small
+DEBS := fluidsynth musescore-general-soundfont-small timgm6mb-soundfont fluid-soundfont-gm
 
 .PHONY: install demo test bench clean
 
