@@ -62,3 +62,54 @@ def plot_pianoroll(score, path: Path, title: str | None = None, highlight_from_q
     figure.savefig(path)
     plt.close(figure)
     return path
+
+
+def plot_notes(notes: np.ndarray, path: Path, reference: np.ndarray | None = None, title: str | None = None,
+               max_seconds: float | None = None) -> Path:
+    """Write a piano roll in seconds of a notes array ``(N, 4)`` (onset s, offset s, pitch, velocity),
+    e.g. a transcription; a ``reference`` notes array, if given, is drawn underneath as grey outlines
+    so missed, extra and mistimed notes stand out. ``max_seconds`` crops long pieces."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.collections import PatchCollection
+    from matplotlib.patches import Rectangle
+
+    figure, axes = plt.subplots(figsize=(12, 4.5), dpi=110)
+    layers = [(reference, dict(facecolor="none", edgecolor="0.35", linewidth=0.8)),
+              (notes, dict(facecolor="tab:blue", edgecolor="none", alpha=0.7))]
+    lowest, highest, end = 127, 0, 0.0
+    for layer, style in layers:
+        if layer is None:
+            continue
+        layer = np.asarray(layer, dtype=np.float64).reshape(-1, 4)
+        if max_seconds is not None:
+            layer = layer[layer[:, 0] < max_seconds]
+        if len(layer) == 0:
+            continue
+        durations = np.maximum(layer[:, 1] - layer[:, 0], 1e-3)
+        rectangles = [Rectangle((onset, pitch - 0.4), duration, 0.8)
+                      for onset, duration, pitch in zip(layer[:, 0], durations, layer[:, 2])]
+        axes.add_collection(PatchCollection(rectangles, **style))
+        lowest, highest = min(lowest, layer[:, 2].min()), max(highest, layer[:, 2].max())
+        end = max(end, float((layer[:, 0] + durations).max()))
+    if highest < lowest:
+        lowest, highest, end = 60, 72, 1.0
+    axes.set_xlim(0, min(end, max_seconds) if max_seconds else end)
+    axes.set_ylim(lowest - 2, highest + 2)
+    axes.set_xlabel("time (seconds)")
+    axes.set_ylabel("MIDI pitch")
+    if title:
+        axes.set_title(title)
+    if reference is not None:
+        handles = [Rectangle((0, 0), 1, 1, facecolor="none", edgecolor="0.35"),
+                   Rectangle((0, 0), 1, 1, facecolor="tab:blue", alpha=0.7)]
+        axes.legend(handles, ["reference", "transcription"], loc="upper right", fontsize=7)
+    axes.grid(True, alpha=0.2)
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
+    plt.close(figure)
+    return path

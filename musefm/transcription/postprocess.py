@@ -1,0 +1,176 @@
+"""Frame activations -> notes (Onsets and Frames decoding), and notes -> MIDI / CSV files.
+
+Pure numpy apart from the file writers: a model predicts onset, frame (and optionally offset and
+velocity) probabilities, float32 ``(frames, 88)`` at ``frame_rate`` frames per second; this module
+turns them into a float64 ``(N, 4)`` notes array (onset s, offset s, MIDI pitch, velocity).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from musefm.atomic import write_text_atomic
+from musefm.errors import BadInputError, MusefmError
+from musefm.transcription.labels import MIN_MIDI, NUM_KEYS, empty_notes
+
+DEFAULT_VELOCITY = 64
+CSV_HEADER = ("onset", "offset", "pitch", "velocity")
+
+
+@dataclass
+class DecodeConfig:
+    """Thresholds for ``activations_to_notes``; the defaults are those of Onsets and Frames."""
+
+    onset_threshold: float = 0.5
+    frame_threshold: float = 0.5
+    # None: offsets come only from the frame activation dropping (Onsets and Frames ignores its
+    # offset head when decoding); a value: an offset probability at or above it also ends a note.
+    offset_threshold: float | None = None
+    # Notes shorter than this are dropped; 0 keeps everything (Magenta's default, min_duration_ms=0).
+    min_note_seconds: float = 0.0
+
+    def __post_init__(self):  # settings come from users (CLI flags): a bad one is a one-line error
+        for name in ("onset_threshold", "frame_threshold", "offset_threshold"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= value <= 1.0:
+                raise MusefmError(f"DecodeConfig.{name} must lie in [0, 1], got {value}")
+        if self.min_note_seconds < 0:
+            raise MusefmError(f"DecodeConfig.min_note_seconds must be >= 0, got {self.min_note_seconds}")
+
+
+def activations_to_notes(onset: np.ndarray, frame: np.ndarray, frame_rate: float, velocity: np.ndarray | None = None,
+                         offset: np.ndarray | None = None, config: DecodeConfig | None = None) -> np.ndarray:
+    """Decode ``(T, 88)`` activations into a notes array ``(N, 4)`` sorted by onset then pitch.
+
+    A note starts on the first frame of each run of frames whose onset probability reaches
+    ``onset_threshold`` (so a 2-3 frame onset blob gives one note), and lasts while the key stays
+    active (frame >= frame_threshold, or onset still >= onset_threshold) until, exclusively, the
+    first frame where it is inactive, a new onset run of the same key starts (a re-strike), or the
+    offset probability reaches ``offset_threshold``. A sounding frame with no onset starts nothing.
+    Times are frame indices / ``frame_rate``; velocity is ``velocity[onset frame] * 127`` rounded
+    and clipped to 1..127 (64 without a velocity activation).
+    """
+    config = config or DecodeConfig()
+    onset, frame = np.asarray(onset), np.asarray(frame)
+    arrays = {"onset": onset, "frame": frame, "velocity": velocity, "offset": offset}
+    for name, array in arrays.items():
+        if array is not None and (np.ndim(array) != 2 or np.shape(array)[1] != NUM_KEYS or np.shape(array) != onset.shape):
+            raise ValueError(f"{name} activation must be (frames, {NUM_KEYS}) like onset {onset.shape}, got {np.shape(array)}")
+    num_frames = onset.shape[0]
+    if num_frames == 0:
+        return empty_notes()
+
+    # Work key-major with one sentinel frame per key that always ends a note, so one flat
+    # searchsorted finds every note's end without ever running into the next key.
+    onset_high = np.zeros((NUM_KEYS, num_frames + 1), dtype=bool)  # (88, T+1)
+    onset_high[:, :-1] = onset.T >= config.onset_threshold
+    onset_start = onset_high.copy()
+    onset_start[:, 1:] &= ~onset_high[:, :-1]  # first frame of each above-threshold run
+    active = np.zeros_like(onset_high)
+    active[:, :-1] = (frame.T >= config.frame_threshold) | onset_high[:, :-1]
+    ends_note = ~active | onset_start
+    if offset is not None and config.offset_threshold is not None:
+        ends_note[:, :-1] |= np.asarray(offset).T >= config.offset_threshold
+
+    starts_flat = np.flatnonzero(onset_start)  # key-major: key * (T+1) + frame
+    ends_flat = np.flatnonzero(ends_note)
+    stops_flat = ends_flat[np.searchsorted(ends_flat, starts_flat, side="right")]
+    keys, start_frames = np.divmod(starts_flat, num_frames + 1)
+    stop_frames = stops_flat - keys * (num_frames + 1)
+
+    if velocity is None:
+        velocities = np.full(len(keys), DEFAULT_VELOCITY, dtype=np.float64)
+    else:
+        velocities = np.clip(np.rint(np.asarray(velocity, dtype=np.float64)[start_frames, keys] * 127), 1, 127)
+    notes = np.stack([start_frames / frame_rate, stop_frames / frame_rate, (keys + MIN_MIDI).astype(np.float64),
+                      velocities], axis=1)  # (N, 4)
+    notes = notes[(notes[:, 1] - notes[:, 0]) >= config.min_note_seconds - 1e-9]
+    return notes[np.lexsort((notes[:, 2], notes[:, 0]))]
+
+
+# --------------------------------------------------------------------------------------------
+# Notes -> files
+# --------------------------------------------------------------------------------------------
+
+
+def notes_to_score(notes: np.ndarray, program: int = 0, ticks_per_quarter: int = 480, tempo_bpm: float = 120.0):
+    """A one-track symusic Score (ticks, one constant tempo) holding ``notes``.
+
+    Times are rounded to the tick grid (at the defaults one tick is 1/960 s); every note keeps at
+    least one tick.
+    """
+    import symusic
+
+    notes = np.asarray(notes, dtype=np.float64).reshape(-1, 4)
+    ticks_per_second = ticks_per_quarter * tempo_bpm / 60.0
+    starts = np.rint(notes[:, 0] * ticks_per_second).astype(np.int32)
+    durations = np.maximum(np.rint(notes[:, 1] * ticks_per_second).astype(np.int32) - starts, 1)
+    pitches = np.clip(np.rint(notes[:, 2]), 0, 127).astype(np.int8)
+    velocities = np.clip(np.rint(notes[:, 3]), 1, 127).astype(np.int8)
+    order = np.lexsort((pitches, starts))
+    score = symusic.Score(ticks_per_quarter)
+    score.tempos.append(symusic.Tempo(0, float(tempo_bpm)))
+    track = symusic.Track("piano", int(program), False)
+    track.notes = symusic.Note.from_numpy(starts[order], durations[order], pitches[order], velocities[order])
+    score.tracks.append(track)
+    return score
+
+
+def write_midi(notes: np.ndarray, path: Path, program: int = 0) -> Path:
+    """Write ``notes`` as a one-track MIDI file, atomically (written beside ``path``, then renamed)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = notes_to_score(notes, program=program).dumps_midi()
+    with tempfile.NamedTemporaryFile(dir=path.parent, delete=False, suffix=".tmp") as handle:
+        handle.write(data)
+    os.replace(handle.name, path)
+    return path
+
+
+def write_notes_csv(notes: np.ndarray, path: Path) -> Path:
+    """Write ``notes`` as CSV with header ``onset,offset,pitch,velocity`` (seconds to 1 µs), atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    notes = np.asarray(notes, dtype=np.float64).reshape(-1, 4)
+    lines = [",".join(CSV_HEADER)]
+    lines += [f"{onset:.6f},{offset:.6f},{int(round(pitch))},{int(round(velocity))}"
+              for onset, offset, pitch, velocity in notes]
+    write_text_atomic(path, "\n".join(lines) + "\n")
+    return path
+
+
+def read_notes_csv(path: Path) -> np.ndarray:
+    """Read a notes CSV as written by ``write_notes_csv``; anything else raises ``BadInputError``."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise BadInputError(path, f"cannot read notes CSV: {error.__class__.__name__}: {error}")
+    rows = [row for row in csv.reader(io.StringIO(text)) if row and any(cell.strip() for cell in row)]
+    if not rows or tuple(cell.strip().lower() for cell in rows[0]) != CSV_HEADER:
+        raise BadInputError(path, f"not a notes CSV: the first line must be {','.join(CSV_HEADER)}")
+    for number, row in enumerate(rows[1:], start=2):
+        if len(row) != 4 or not all(_is_number(cell) for cell in row):
+            raise BadInputError(path, f"row {number}: expected 4 numbers onset,offset,pitch,velocity")
+    notes = np.array([[float(cell) for cell in row] for row in rows[1:]], dtype=np.float64).reshape(-1, 4)
+    problems = [(~np.isfinite(notes)).any(axis=1), notes[:, 0] < 0, notes[:, 1] < notes[:, 0],
+                (notes[:, 2] < 0) | (notes[:, 2] > 127), (notes[:, 3] < 0) | (notes[:, 3] > 127)]
+    reasons = ["not finite", "negative onset", "offset before onset", "pitch outside 0..127", "velocity outside 0..127"]
+    for mask, reason in zip(problems, reasons):
+        if mask.any():
+            raise BadInputError(path, f"row {int(np.argmax(mask)) + 2}: {reason}")
+    return notes
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
