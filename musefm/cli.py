@@ -17,6 +17,8 @@ from musefm.errors import MusefmError
 
 
 def _data_build(args) -> int:
+    if args.render:
+        return _data_build_audio(args)
     from musefm.config import apply_overrides, from_dict, load_yaml
     from musefm.data.build import BuildConfig, build_dataset
 
@@ -30,6 +32,28 @@ def _data_build(args) -> int:
     config = from_dict(BuildConfig, {**vars(config), **given})
     config = apply_overrides(config, args.overrides)
     summary = build_dataset(config, overwrite=args.overwrite)
+    print(summary.line())
+    print(f"card: {Path(config.out) / 'card.md'}")
+    return 0
+
+
+def _data_build_audio(args) -> int:
+    from musefm.config import apply_overrides, from_dict, load_yaml
+    from musefm.data.audio_build import AudioBuildConfig, build_audio_dataset
+
+    if args.tokenizer or args.bpe_vocab:
+        raise MusefmError("--tokenizer and --bpe-vocab do not apply to an audio dataset (--render)")
+    split_names = lambda text: [name.strip() for name in text.split(",") if name.strip()] if text else None  # noqa: E731
+    given = {
+        "sources": args.source, "out": args.out, "soundfonts": split_names(args.soundfonts),
+        "test_soundfonts": split_names(args.test_soundfonts), "sample_rate": args.sample_rate, "limit": args.limit,
+        "workers": args.workers, "valid_fraction": args.valid_fraction, "test_fraction": args.test_fraction,
+        "cache_dir": args.cache_dir, "max_seconds": args.max_seconds,
+    }
+    given = {key: value for key, value in given.items() if value is not None}
+    config = load_yaml(AudioBuildConfig, args.config) if args.config else AudioBuildConfig()
+    config = apply_overrides(from_dict(AudioBuildConfig, {**vars(config), **given}), args.overrides)
+    summary = build_audio_dataset(config, overwrite=args.overwrite)
     print(summary.line())
     print(f"card: {Path(config.out) / 'card.md'}")
     return 0
@@ -93,6 +117,10 @@ def _generate(args) -> int:
 
 
 def _evaluate(args) -> int:
+    if args.kind == "transcription":
+        return _evaluate_transcription(args)
+    if not (args.generated and args.reference and args.out):
+        raise MusefmError("evaluate needs --generated, --reference and --out (or: musefm evaluate transcription --pred --ref)")
     from musefm.recipes.evaluate import EvaluateConfig, main as evaluate
 
     config = EvaluateConfig(generated=args.generated, reference=args.reference, train=args.train, out=args.out,
@@ -103,6 +131,57 @@ def _evaluate(args) -> int:
     else:
         print(f"report written to {Path(config.out) / 'report.md'}")
     return 0
+
+
+def _evaluate_transcription(args) -> int:
+    from musefm.evaluation.transcription import evaluate_transcription_dirs
+
+    if not args.pred or not args.ref:
+        raise MusefmError("evaluate transcription needs --pred DIR and --ref DIR")
+    report = evaluate_transcription_dirs(Path(args.pred), Path(args.ref))
+    out = Path(args.out) if args.out else Path(args.pred)
+    report.write(out)
+    if args.json:
+        print(report.to_json())
+    else:
+        print(report.to_markdown())
+        print(f"report written to {out / 'report.md'}")
+    return 0
+
+
+def _train_transcriber(args) -> int:
+    from musefm.recipes.train_transcriber import load_config, main as train
+
+    config = load_config(args.config, {"data": args.data, "out": args.out, "preset": args.preset}, args.overrides)
+    summary = train(config, resume=args.resume, overwrite=args.overwrite)
+    final = summary.get("final")
+    scores = (f"; {final['split']} note F1 {final.get('note_f1', 0):.3f}, with offsets {final.get('note_offset_f1', 0):.3f}"
+              if final else "")
+    print(f"{config.out}: trained to step {summary['step']}{scores}; best model in {config.out}/best")
+    return 0
+
+
+def _transcribe(args) -> int:
+    from musefm.transcription.postprocess import DecodeConfig
+    from musefm.transcription.transcribe import load_transcriber, transcribe_paths
+
+    model = load_transcriber(args.model, device=args.device)
+    decode = DecodeConfig(onset_threshold=args.onset_threshold, frame_threshold=args.frame_threshold)
+    summary = transcribe_paths([Path(path) for path in args.inputs], Path(args.out), model, sonify=args.sonify,
+                               soundfont=args.soundfont, decode=decode)
+    if len(args.inputs) > 1:
+        for row in summary["rejected"]:
+            print(f"musefm: skipped {row['path']}: {row['reason']}", file=sys.stderr)
+    if not summary["done"]:
+        if len(args.inputs) == 1:
+            row = summary["rejected"][0]
+            raise MusefmError(f"{row['path']}: {row['reason']}")
+        raise MusefmError(f"none of the {len(args.inputs)} files could be transcribed (see {args.out}/rejected.jsonl)")
+    notes = sum(row["notes"] for row in summary["done"])
+    print(f"{len(summary['done'])} file(s) transcribed to {args.out}: {notes} notes, "
+          f"{summary['audio_seconds']:.1f} s of audio at {summary['real_time_factor']:.3f}x real time"
+          + (f"; {len(summary['rejected'])} skipped (rejected.jsonl)" if summary["rejected"] else ""))
+    return 1 if summary["rejected"] else 0
 
 
 def _finetune(args) -> int:
@@ -166,6 +245,11 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--cache-dir", help="music21 conversion cache (default ~/.cache/musefm)")
     build.add_argument("--config", help="YAML file of build settings")
     build.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    build.add_argument("--render", action="store_true", help="paired audio + notes for transcription (soundfont renders; MAESTRO's recordings)")
+    build.add_argument("--soundfonts", help="with --render: comma-separated soundfont names or paths (timgm6mb, fluidr3, musescore)")
+    build.add_argument("--test-soundfonts", help="with --render: soundfonts for the test split only (held-out timbre)")
+    build.add_argument("--sample-rate", type=int, help="with --render: audio sample rate (default 16000)")
+    build.add_argument("--max-seconds", type=float, help="with --render: cut pieces longer than this")
     build.add_argument("overrides", nargs="*", help="key=value settings, e.g. tokenizer_settings.num_velocities=16")
     build.set_defaults(func=_data_build)
 
@@ -214,11 +298,15 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--no-audio", action="store_true", help="skip the WAV rendering")
     generate.set_defaults(func=_generate)
 
-    evaluate = commands.add_parser("evaluate", help="metrics of generated music against a reference set")
-    evaluate.add_argument("--generated", required=True, help="folder or source spec of generated pieces")
-    evaluate.add_argument("--reference", required=True, help="source spec (music21:bach, dir:...) or folder")
+    evaluate = commands.add_parser("evaluate", help="metrics of generated music, or of transcriptions (evaluate transcription)")
+    evaluate.add_argument("kind", nargs="?", choices=["music", "transcription"], default="music",
+                          help="music (default): generated vs reference pieces; transcription: --pred vs --ref notes")
+    evaluate.add_argument("--generated", help="folder or source spec of generated pieces")
+    evaluate.add_argument("--reference", help="source spec (music21:bach, dir:...) or folder")
+    evaluate.add_argument("--pred", help="transcription: folder of transcribed .mid/.csv files")
+    evaluate.add_argument("--ref", help="transcription: folder of reference .mid/.csv files (same stems)")
     evaluate.add_argument("--train", help="dataset directory, for the memorization check")
-    evaluate.add_argument("--out", required=True)
+    evaluate.add_argument("--out", help="report folder (transcription: default --pred)")
     evaluate.add_argument("--limit", type=int, default=0, help="at most N pieces per set")
     evaluate.add_argument("--json", action="store_true", help="print the results as JSON")
     evaluate.set_defaults(func=_evaluate)
@@ -255,6 +343,27 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--map", choices=["pca", "tsne", "none"])
     embed.add_argument("--color-by", help="manifest field colouring the map (e.g. composer)")
     embed.set_defaults(func=_embed)
+
+    train_transcriber = commands.add_parser("train-transcriber", help="train the piano transcriber on paired audio")
+    train_transcriber.add_argument("--data", help="audio dataset (musefm data build --render)")
+    train_transcriber.add_argument("--out", help="run directory")
+    train_transcriber.add_argument("--preset", help="debug, small (shipped size) or base")
+    train_transcriber.add_argument("--config", help="YAML config, or a shipped one (transcriber_small, transcriber_debug)")
+    train_transcriber.add_argument("--resume", action="store_true")
+    train_transcriber.add_argument("--overwrite", action="store_true")
+    train_transcriber.add_argument("overrides", nargs="*", help="key=value, e.g. train.max_steps=2000 segment_seconds=8")
+    train_transcriber.set_defaults(func=_train_transcriber)
+
+    transcribe = commands.add_parser("transcribe", help="audio files -> MIDI, notes CSV and piano roll")
+    transcribe.add_argument("inputs", nargs="+", help="audio files (wav, flac, ogg, mp3)")
+    transcribe.add_argument("-o", "--out", required=True, help="output folder")
+    transcribe.add_argument("--model", help="transcriber model or run directory (default: the shipped piano model)")
+    transcribe.add_argument("--sonify", action="store_true", help="also render each MIDI back to WAV")
+    transcribe.add_argument("--soundfont", help="soundfont for --sonify (name or path)")
+    transcribe.add_argument("--onset-threshold", type=float, default=0.5)
+    transcribe.add_argument("--frame-threshold", type=float, default=0.5)
+    transcribe.add_argument("--device", default="cpu")
+    transcribe.set_defaults(func=_transcribe)
 
     demo = commands.add_parser("demo", help="the main job on the bundled corpus")
     demo.add_argument("--out", default="runs/demo")

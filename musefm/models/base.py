@@ -22,6 +22,7 @@ from musefm.errors import MusefmError
 FAMILIES = {
     "music-lm": "musefm.models.music_lm:MusicLM",
     "music-bert": "musefm.models.music_bert:MusicBERT",
+    "transcriber": "musefm.models.transcriber:Transcriber",
 }
 
 

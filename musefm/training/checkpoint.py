@@ -25,13 +25,14 @@ from musefm.atomic import atomic_directory, write_text_atomic
 CHECKPOINTS = "checkpoints"
 
 
-def save_checkpoint(run_dir: Path, step: int, model, tokenizer_path: Path, train_state: dict, keep_last: int) -> Path:
+def save_checkpoint(run_dir: Path, step: int, model, tokenizer_path: Path | None, train_state: dict, keep_last: int) -> Path:
     """Write checkpoint ``step`` and point ``latest`` at it; keep only the newest ``keep_last``."""
     folder = Path(run_dir) / CHECKPOINTS
     final = folder / f"step-{step:08d}"
     with atomic_directory(final) as temporary:
         model.write_files(temporary)
-        shutil.copyfile(tokenizer_path, temporary / "tokenizer.json")
+        if tokenizer_path is not None:  # audio models carry their feature settings in config.json
+            shutil.copyfile(tokenizer_path, temporary / "tokenizer.json")
         torch.save(train_state, temporary / "train_state.pt")
     write_text_atomic(folder / "latest", final.name)
     for old in sorted(p for p in folder.glob("step-*") if p.is_dir())[:-max(1, keep_last)]:
@@ -39,11 +40,12 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer_path: Path, train
     return final
 
 
-def save_best(run_dir: Path, model, tokenizer_path: Path, metrics: dict) -> Path:
+def save_best(run_dir: Path, model, tokenizer_path: Path | None, metrics: dict) -> Path:
     final = Path(run_dir) / "best"
     with atomic_directory(final) as temporary:
         model.write_files(temporary)
-        shutil.copyfile(tokenizer_path, temporary / "tokenizer.json")
+        if tokenizer_path is not None:
+            shutil.copyfile(tokenizer_path, temporary / "tokenizer.json")
         (temporary / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return final
 

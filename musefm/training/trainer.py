@@ -156,10 +156,11 @@ def _to_device(batch: dict, device: torch.device) -> dict:
 
 
 class Trainer:
-    def __init__(self, model, train_data, valid_data, config: TrainConfig, run_dir: Path, tokenizer_path: Path,
+    def __init__(self, model, train_data, valid_data, config: TrainConfig, run_dir: Path, tokenizer_path: Path | None,
                  context: DistributedContext | None = None, stream=None):
         self.model, self.train_data, self.valid_data = model, train_data, valid_data
-        self.config, self.run_dir, self.tokenizer_path = config, Path(run_dir), Path(tokenizer_path)
+        self.config, self.run_dir = config, Path(run_dir)
+        self.tokenizer_path = Path(tokenizer_path) if tokenizer_path is not None else None
         self.context = context or DistributedContext()
         self.device = self.context.device
         self.model.to(self.device)

@@ -1,0 +1,120 @@
+"""Training windows of a paired audio dataset (``musefm data build --render``): audio + frame targets.
+
+Each example is cut into ``segment_seconds`` windows; item ``i`` of epoch ``e`` is one window with a
+start jitter and augmentations drawn from (seed, epoch, i), so a resumed run sees exactly the windows
+the uninterrupted one would. Audio is read per window (soundfile seeks; recordings at another rate
+are resampled with soxr), so memory does not grow with the dataset. Augmentations move the labels
+with the audio (pitch shift moves the notes, time stretch scales their times).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from musefm.errors import MusefmError
+
+
+@dataclass
+class AudioDataset:
+    """A built paired audio dataset: its manifest rows and their notes."""
+
+    root: Path
+    info: dict
+    rows: list[dict] = field(default_factory=list)
+
+    def split(self, name: str) -> list[dict]:
+        return [row for row in self.rows if row["split"] == name]
+
+    def path(self, relative: str) -> Path:
+        path = Path(relative)
+        return path if path.is_absolute() else self.root / path
+
+
+def open_audio_dataset(path) -> AudioDataset:
+    root = Path(path)
+    info_path = root / "dataset.json"
+    if not info_path.is_file():
+        raise MusefmError(f"{root}: not a musefm audio dataset (no dataset.json; build one with musefm data build --render)")
+    info = json.loads(info_path.read_text())
+    if info.get("format") != "musefm-audio-dataset":
+        raise MusefmError(f"{root}: holds a {info.get('format', 'unknown')} dataset, not audio with notes (use --render)")
+    if info.get("status") != "complete":
+        raise MusefmError(f"{root}: the build did not finish; run the same musefm data build again to complete it")
+    rows = [json.loads(line) for line in (root / "manifest.jsonl").read_text().splitlines() if line.strip()]
+    return AudioDataset(root, info, rows)
+
+
+def read_segment(path: Path, start_seconds: float, seconds: float, sample_rate: int) -> np.ndarray:
+    """Mono float32 audio of [start, start + seconds) at ``sample_rate``, zero-padded past the end."""
+    import soundfile
+    import soxr
+
+    with soundfile.SoundFile(str(path)) as handle:
+        rate = handle.samplerate
+        first = max(0, int(round(start_seconds * rate)))
+        handle.seek(min(first, handle.frames))
+        audio = handle.read(int(math.ceil(seconds * rate)), dtype="float32", always_2d=True).mean(axis=1)
+    if rate != sample_rate and len(audio):
+        audio = soxr.resample(audio, rate, sample_rate).astype(np.float32)
+    wanted = int(round(seconds * sample_rate))
+    return np.pad(audio[:wanted], (0, max(0, wanted - len(audio))))
+
+
+class TranscriptionWindows:
+    """Windows of one split as training items: ``audio`` (samples,), and ``onset``, ``offset``,
+    ``frame``, ``velocity`` targets (frames, 88) with frames = samples // hop_length + 1."""
+
+    def __init__(self, dataset: AudioDataset, split: str, segment_seconds: float, sample_rate: int, hop_length: int,
+                 augment=None, seed: int = 0, jitter: bool = True):
+        from musefm.transcription.postprocess import read_notes_csv
+
+        self.dataset, self.split = dataset, split
+        self.segment_seconds, self.sample_rate, self.hop_length = segment_seconds, sample_rate, hop_length
+        self.augment, self.seed, self.jitter, self.epoch = augment, seed, jitter, 0
+        self.rows = [row for row in dataset.split(split) if row["seconds"] > 0]
+        self.notes = [read_notes_csv(dataset.path(row["notes"])) for row in self.rows]
+        self.items: list[tuple[int, float]] = []  # (row index, window start in seconds)
+        for number, row in enumerate(self.rows):
+            count = max(1, math.ceil(row["seconds"] / segment_seconds))
+            self.items += [(number, k * segment_seconds) for k in range(count)]
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict:
+        from musefm.transcription.labels import notes_to_targets
+
+        number, start = self.items[index]
+        row = self.rows[number]
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        if self.jitter:  # a random phase per epoch, so window edges fall on different notes each time
+            start = max(0.0, min(start + rng.uniform(-0.5, 0.5) * self.segment_seconds, row["seconds"] - self.segment_seconds))
+        # A window sped up by time stretching must still fill the segment: read enough audio for it.
+        stretch = max(1.0, self.augment.time_stretch_rate[1]) if self.augment is not None else 1.0
+        read_seconds = self.segment_seconds * stretch + 0.1
+        audio = read_segment(self.dataset.path(row["audio"]), start, read_seconds, self.sample_rate)
+        notes = self.notes[number]
+        inside = (notes[:, 0] < start + read_seconds) & (notes[:, 1] > start) if len(notes) else np.zeros(0, bool)
+        notes = notes[inside].copy()
+        notes[:, :2] -= start  # window time; onsets before 0 belong to notes already sounding
+        if self.augment is not None:
+            from musefm.audio.augment import augment
+
+            audio, notes = augment(audio, self.sample_rate, notes, self.augment, rng)
+        samples = int(round(self.segment_seconds * self.sample_rate))
+        audio = np.pad(audio[:samples], (0, max(0, samples - len(audio)))).astype(np.float32)
+        frames = samples // self.hop_length + 1
+        targets = notes_to_targets(notes, frames, self.sample_rate / self.hop_length)
+        item = {"audio": torch.from_numpy(audio)}
+        item.update({name: torch.from_numpy(np.ascontiguousarray(targets[name], dtype=np.float32))
+                     for name in ("onset", "offset", "frame", "velocity")})
+        return item

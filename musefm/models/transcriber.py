@@ -1,0 +1,214 @@
+"""Transcriber: an Onsets-and-Frames style piano transcription network (audio -> 88-key activations).
+
+Reading order: config and presets, the layers (conv stack, bidirectional recurrent layer), the model
+(log-mel front end, forward, loss), then inference over long audio in overlapping windows.
+
+As in Onsets and Frames (Hawthorne et al. 2018), onset and offset heads are trained on their own
+targets and the frame head sees their (detached) predictions, so a note's frames are tied to its
+detected onset; velocity is regressed at onset frames only. Unlike the paper, one conv stack is
+shared by every head: it keeps the model a few MB and about three times cheaper on a CPU, where
+the shipped model has to run.
+
+The log-mel front end (``musefm.audio.features``) is part of the model (a module with buffers), so the same features are
+computed in training, on a GPU, and at inference, and a saved model carries its feature settings.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from musefm.audio.features import LogMelSpectrogram, MelConfig
+from musefm.errors import MusefmError
+from musefm.models.base import PretrainedModel, config_from_presets
+
+NUM_KEYS = 88
+HEADS = ("onset", "offset", "frame", "velocity")
+
+
+@dataclass
+class TranscriberConfig:
+    # Features (log-mel; see musefm.audio.features.MelConfig)
+    sample_rate: int = 16000
+    n_fft: int = 2048
+    hop_length: int = 320  # 50 frames per second
+    n_mels: int = 229
+    fmin: float = 30.0
+    fmax: float = 8000.0
+    # Network
+    conv_channels: int = 32  # the first two conv layers; the third has twice as many
+    d_model: int = 256  # acoustic features per frame after the conv stack
+    rnn_hidden: int = 128  # per direction
+    sequence_model: Literal["gru", "lstm"] = "gru"
+    dropout: float = 0.2
+    # Loss
+    onset_weight: float = 1.0
+    offset_weight: float = 1.0
+    frame_weight: float = 1.0
+    velocity_weight: float = 1.0
+
+    @property
+    def frame_rate(self) -> float:
+        return self.sample_rate / self.hop_length
+
+    def mel_config(self) -> MelConfig:
+        return MelConfig(sample_rate=self.sample_rate, n_fft=self.n_fft, hop_length=self.hop_length,
+                         n_mels=self.n_mels, fmin=self.fmin, fmax=self.fmax)
+
+    def validate(self) -> None:
+        for name in ("sample_rate", "n_fft", "hop_length", "n_mels", "conv_channels", "d_model", "rnn_hidden"):
+            if getattr(self, name) < 1:
+                raise MusefmError(f"{name}: must be at least 1, got {getattr(self, name)}")
+        if self.n_mels < 4:
+            raise MusefmError(f"n_mels: the conv stack pools the frequency axis twice, needs at least 4, got {self.n_mels}")
+        if not 0 < self.fmin < self.fmax <= self.sample_rate / 2:
+            raise MusefmError(f"fmin/fmax: need 0 < fmin < fmax <= sample_rate/2, got {self.fmin}, {self.fmax}")
+        if self.sequence_model not in ("gru", "lstm"):
+            raise MusefmError(f"sequence_model: must be 'gru' or 'lstm', got {self.sequence_model!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise MusefmError(f"dropout: must be in [0, 1), got {self.dropout}")
+
+
+PRESETS = {
+    "debug": TranscriberConfig(n_mels=48, conv_channels=4, d_model=16, rnn_hidden=8, dropout=0.0),
+    "small": TranscriberConfig(),  # ~2M parameters: the model shipped with musefm
+    "base": TranscriberConfig(conv_channels=48, d_model=768, rnn_hidden=256),  # Onsets-and-Frames width
+}
+
+
+def config_from_preset(name: str, **overrides) -> TranscriberConfig:
+    config = config_from_presets(PRESETS, name, "transcriber", **overrides)
+    config.validate()
+    return config
+
+
+class ConvStack(nn.Module):
+    """Three 3x3 conv layers over (time, mel) with two frequency poolings, then a linear layer."""
+
+    def __init__(self, n_mels: int, channels: int, d_model: int, dropout: float):
+        super().__init__()
+        wide = 2 * channels
+        self.convs = nn.Sequential(
+            nn.Conv2d(1, channels, 3, padding=1), nn.BatchNorm2d(channels), nn.ReLU(),
+            nn.Conv2d(channels, channels, 3, padding=1), nn.BatchNorm2d(channels), nn.ReLU(),
+            nn.MaxPool2d((1, 2)), nn.Dropout(dropout),
+            nn.Conv2d(channels, wide, 3, padding=1), nn.BatchNorm2d(wide), nn.ReLU(),
+            nn.MaxPool2d((1, 2)), nn.Dropout(dropout),
+        )
+        self.project = nn.Sequential(nn.Linear(wide * (n_mels // 4), d_model), nn.Dropout(dropout))
+
+    def forward(self, mel: torch.Tensor) -> torch.Tensor:
+        batch, frames, _ = mel.shape
+        hidden = self.convs(mel.unsqueeze(1))  # (B, C, T, n_mels // 4)
+        hidden = hidden.transpose(1, 2).reshape(batch, frames, -1)  # (B, T, C * n_mels // 4)
+        return self.project(hidden)  # (B, T, d_model)
+
+
+class BiRNN(nn.Module):
+    """A bidirectional GRU/LSTM over frames: (B, T, D_in) -> (B, T, 2 * hidden)."""
+
+    def __init__(self, input_size: int, hidden: int, kind: str):
+        super().__init__()
+        cell = nn.GRU if kind == "gru" else nn.LSTM
+        self.rnn = cell(input_size, hidden, batch_first=True, bidirectional=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.rnn(x)[0]
+
+
+class Transcriber(PretrainedModel):
+    family = "transcriber"
+    config_class = TranscriberConfig
+
+    def __init__(self, config: TranscriberConfig):
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.mel = LogMelSpectrogram(config.mel_config())
+        self.acoustic = ConvStack(config.n_mels, config.conv_channels, config.d_model, config.dropout)
+        width = 2 * config.rnn_hidden
+        self.onset_rnn = BiRNN(config.d_model, config.rnn_hidden, config.sequence_model)
+        self.onset_head = nn.Linear(width, NUM_KEYS)
+        self.offset_rnn = BiRNN(config.d_model, config.rnn_hidden, config.sequence_model)
+        self.offset_head = nn.Linear(width, NUM_KEYS)
+        self.frame_acoustic = nn.Linear(config.d_model, NUM_KEYS)
+        self.frame_rnn = BiRNN(3 * NUM_KEYS, config.rnn_hidden, config.sequence_model)
+        self.frame_head = nn.Linear(width, NUM_KEYS)
+        self.velocity_head = nn.Linear(config.d_model, NUM_KEYS)
+        with torch.no_grad():  # notes are rare: start the onset/offset heads near their base rate
+            for head in (self.onset_head, self.offset_head):
+                head.bias.fill_(-4.0)
+
+    def forward(self, audio: torch.Tensor | None = None, mel: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Logits of every head, (B, T, 88) each; give the waveform (B, samples) or its log-mel."""
+        if mel is None:
+            mel = self.mel(audio)  # (B, T, n_mels)
+        features = self.acoustic(mel)  # (B, T, d_model)
+        onset = self.onset_head(self.onset_rnn(features))  # (B, T, 88)
+        offset = self.offset_head(self.offset_rnn(features))  # (B, T, 88)
+        # The frame head sees the onset/offset predictions but does not train them.
+        frame_input = torch.cat([torch.sigmoid(self.frame_acoustic(features)),
+                                 torch.sigmoid(onset).detach(), torch.sigmoid(offset).detach()], dim=-1)  # (B, T, 264)
+        frame = self.frame_head(self.frame_rnn(frame_input))  # (B, T, 88)
+        velocity = self.velocity_head(features)  # (B, T, 88)
+        return {"onset": onset, "offset": offset, "frame": frame, "velocity": velocity}
+
+    def loss(self, batch: dict) -> tuple[torch.Tensor, dict, None]:
+        """Onset/offset/frame BCE + velocity MSE at onsets; batch holds ``audio`` (B, samples) and
+        targets ``onset``, ``offset``, ``frame``, ``velocity`` (B, T, 88) with T = samples // hop + 1."""
+        config = self.config
+        logits = self(batch["audio"])
+        losses = {}
+        for name in ("onset", "offset", "frame"):
+            losses[name] = F.binary_cross_entropy_with_logits(logits[name].float(), batch[name])
+        onsets = batch["onset"]
+        velocity = torch.sigmoid(logits["velocity"].float())
+        losses["velocity"] = (onsets * (velocity - batch["velocity"]).square()).sum() / onsets.sum().clamp_min(1.0)
+        total = (config.onset_weight * losses["onset"] + config.offset_weight * losses["offset"]
+                 + config.frame_weight * losses["frame"] + config.velocity_weight * losses["velocity"])
+        with torch.no_grad():  # frame-level F1 of onsets at 0.5: a cheap progress signal
+            predicted = logits["onset"] > 0
+            true_positive = (predicted & (onsets > 0.5)).sum()
+            f1 = 2 * true_positive / (predicted.sum() + (onsets > 0.5).sum()).clamp_min(1)
+        frames = onsets.shape[0] * onsets.shape[1]
+        metrics = {"loss": total.detach(), "tokens": frames, "accuracy": f1,
+                   **{f"{name}_loss": value.detach() for name, value in losses.items()}}
+        return total, metrics, None
+
+    # ---- inference ----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def activations(self, mel: torch.Tensor, window_frames: int = 2000, overlap_frames: int = 100) -> dict:
+        """Probabilities of every head for a whole piece's log-mel (T, n_mels) -> {head: (T, 88)}.
+
+        Long inputs are cut into windows that overlap by ``overlap_frames`` on each side; each
+        window keeps its centre, so memory is bounded and the recurrent layers still see context.
+        """
+        self.eval()
+        total = mel.shape[0]
+        step = max(1, window_frames - 2 * overlap_frames)
+        outputs = {name: torch.zeros(total, NUM_KEYS) for name in HEADS}
+        for start in range(0, total, step):
+            low, high = max(0, start - overlap_frames), min(total, start + step + overlap_frames)
+            logits = self(mel=mel[low:high].unsqueeze(0).to(next(self.parameters()).device))
+            keep_from, keep_to = start - low, min(start + step, total) - low
+            for name in HEADS:
+                outputs[name][start : start + keep_to - keep_from] = torch.sigmoid(logits[name][0, keep_from:keep_to].float()).cpu()
+        return {name: value.numpy() for name, value in outputs.items()}
+
+    def num_parameters(self) -> int:
+        return sum(parameter.numel() for parameter in self.parameters())
+
+
+def frames_for(num_samples: int, hop_length: int) -> int:
+    """Frames the log-mel front end gives for ``num_samples`` samples (torch.stft, center=True)."""
+    return num_samples // hop_length + 1
+
+
+def seconds_to_samples(seconds: float, sample_rate: int) -> int:
+    return int(math.floor(seconds * sample_rate))

@@ -1,0 +1,145 @@
+"""``musefm train-transcriber``: train the Onsets-and-Frames style transcriber on paired audio.
+
+    musefm data build --render --source music21:bach --soundfonts timgm6mb,musescore --out data/bach-audio
+    musefm train-transcriber --data data/bach-audio --preset small --out runs/transcriber
+    torchrun --nproc-per-node 2 -m musefm train-transcriber ...          # same code, DDP
+
+The run directory is the same as pretraining's (checkpoints/, best/, metrics.jsonl, loss curve;
+``--resume`` continues exactly). At the end the best model transcribes the validation split (or the
+test split with ``final_split=test``) and the note/frame F1 scores are written to ``eval.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from musefm.audio.augment import AudioAugmentConfig
+from musefm.config import from_dict, to_dict
+from musefm.errors import MusefmError
+from musefm.recipes.pretrain import CONFIG_DIR, prepare_run_dir
+from musefm.training.trainer import TrainConfig
+
+
+@dataclass
+class TranscriberTrainConfig:
+    preset: str = "small"
+    model_settings: dict = field(default_factory=dict)  # overrides of TranscriberConfig fields
+    data: str = ""
+    out: str = ""
+    segment_seconds: float = 5.0
+    augment: AudioAugmentConfig = field(default_factory=AudioAugmentConfig)
+    use_augment: bool = True
+    final_split: str = "valid"  # transcribed and scored with mir_eval after training ("" = skip)
+    final_limit: int = 0  # at most this many files in the final scoring (0: all)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=6e-4, weight_decay=0.0, warmup_steps=200,
+                                                                   batch_size=8, max_steps=5000, eval_every=500,
+                                                                   save_every=500, eval_batches=20))
+
+    def validate(self) -> None:
+        if self.segment_seconds <= 0.5:
+            raise MusefmError(f"segment_seconds: must exceed 0.5, got {self.segment_seconds}")
+        if self.final_split not in ("", "train", "valid", "test"):
+            raise MusefmError(f"final_split: must be train, valid, test or empty, got {self.final_split!r}")
+        self.train.validate()
+
+
+def main(config: TranscriberTrainConfig, resume: bool = False, overwrite: bool = False, stream=None) -> dict:
+    from musefm.data.audio_dataset import TranscriptionWindows, open_audio_dataset
+    from musefm.models.transcriber import Transcriber, config_from_preset
+    from musefm.training import checkpoint as ckpt
+    from musefm.training.distributed import init_distributed, shutdown
+    from musefm.training.seed import seed_everything
+    from musefm.training.trainer import Trainer
+
+    stream = stream or sys.stderr
+    if not config.out:
+        raise MusefmError("no run directory given (--out DIR)")
+    out = Path(config.out)
+    saved = prepare_run_dir(out, resume, overwrite)
+    if saved is not None:
+        config = from_dict(TranscriberTrainConfig, saved["config"])
+    config.validate()
+    if not config.data:
+        raise MusefmError("no dataset given (--data DIR, built with musefm data build --render)")
+    dataset = open_audio_dataset(config.data)
+    if not dataset.split("train"):
+        raise MusefmError(f"{config.data}: the dataset has no training examples")
+    model_config = config_from_preset(config.preset, **config.model_settings)
+    checkpoint = ckpt.latest_checkpoint(out) if resume else None
+
+    context = init_distributed(config.train.device)
+    try:
+        if context.is_main and overwrite and out.exists():
+            shutil.rmtree(out)
+        seed_everything(config.train.seed)
+        model = Transcriber(model_config)
+        window = dict(segment_seconds=config.segment_seconds, sample_rate=model_config.sample_rate,
+                      hop_length=model_config.hop_length)
+        train_data = TranscriptionWindows(dataset, "train", augment=config.augment if config.use_augment else None,
+                                          seed=config.train.seed, **window)
+        valid_data = (TranscriptionWindows(dataset, "valid", jitter=False, **window) if dataset.split("valid") else None)
+        if context.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            run = {"config": to_dict(config), "model_config": dataclasses.asdict(model_config),
+                   "dataset": str(dataset.root), "parameters": model.num_parameters()}
+            (out / "run.json").write_text(json.dumps(run, indent=2))
+            hours = sum(row["seconds"] for row in dataset.split("train")) / 3600
+            print(f"transcriber ({config.preset}): {model.num_parameters():,} parameters, {len(train_data):,} training "
+                  f"windows of {config.segment_seconds:g} s ({hours:.2f} h), {context.world_size} process(es) on "
+                  f"{context.device}", file=stream)
+        trainer = Trainer(model, train_data, valid_data, config.train, out, None, context, stream)
+        if checkpoint is not None:
+            trainer.resume(checkpoint)
+        summary = trainer.fit()
+        if context.is_main and config.final_split and dataset.split(config.final_split):
+            best = out / "best" if (out / "best").exists() else ckpt.latest_checkpoint(out)
+            summary["final"] = score_split(best, dataset, config.final_split, out / f"eval-{config.final_split}",
+                                           limit=config.final_limit, stream=stream)
+            (out / "eval.json").write_text(json.dumps(summary["final"], indent=2))
+    finally:
+        shutdown(context)
+    return summary
+
+
+def score_split(model_dir: Path, dataset, split: str, out: Path, limit: int = 0, stream=None) -> dict:
+    """Transcribe a split's audio with a saved model and score it against its notes (mir_eval)."""
+    from musefm.evaluation.transcription import score_notes
+    from musefm.transcription.postprocess import read_notes_csv
+    from musefm.transcription.transcribe import load_transcriber, transcribe_file
+
+    model = load_transcriber(model_dir)
+    rows = dataset.split(split)[: limit or None]
+    per_file = []
+    for row in rows:
+        result = transcribe_file(model, dataset.path(row["audio"]))
+        scores = score_notes(read_notes_csv(dataset.path(row["notes"])), result.notes)
+        per_file.append({"id": row["id"], **scores})
+    keys = [key for key in per_file[0] if key.endswith(("_f1", "_precision", "_recall"))] if per_file else []
+    overall = {key: sum(row[key] for row in per_file) / len(per_file) for key in keys}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "scores.json").write_text(json.dumps({"overall": overall, "files": per_file}, indent=2))
+    if stream is not None and overall:
+        print(f"{split} split ({len(per_file)} files): note F1 {overall.get('note_f1', 0):.3f}, with offsets "
+              f"{overall.get('note_offset_f1', 0):.3f}, frame F1 {overall.get('frame_f1', 0):.3f}", file=stream)
+    return {"split": split, "files": len(per_file), **overall}
+
+
+def load_config(path: str | None, overrides: dict, extra: list[str]) -> TranscriberTrainConfig:
+    """Shipped or user YAML (``--config``), then CLI flags, then key=value pairs."""
+    from musefm.config import apply_overrides, load_yaml
+
+    if path:
+        candidate = Path(path)
+        if not candidate.exists() and (CONFIG_DIR / f"{path}.yaml").exists():
+            candidate = CONFIG_DIR / f"{path}.yaml"
+        config = load_yaml(TranscriberTrainConfig, candidate)
+    else:
+        config = TranscriberTrainConfig()
+    data = to_dict(config)
+    data.update({key: value for key, value in overrides.items() if value is not None})
+    return apply_overrides(from_dict(TranscriberTrainConfig, data), extra)

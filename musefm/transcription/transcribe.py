@@ -1,0 +1,110 @@
+"""Audio files in, notes out: ``musefm transcribe in.wav [more ...] -o out/``.
+
+For each input: ``STEM.mid``, ``STEM.csv`` (onset,offset,pitch,velocity in seconds) and ``STEM.png``
+(piano roll); ``--sonify`` adds ``STEM.sonified.wav`` (the MIDI rendered back with a soundfont).
+A file that cannot be read is reported in ``rejected.jsonl`` and the batch goes on.
+
+Audio is read in chunks and turned into log-mel frames as it streams in (``log_mel_for_file``), so
+memory does not depend on the audio's sample count; the network then runs over overlapping windows
+of frames (``Transcriber.activations``).
+Without ``--model`` the small piano model shipped inside the package is used.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from musefm.errors import BadInputError, MusefmError
+
+SHIPPED_MODEL = Path(__file__).parent / "models" / "piano-small"
+
+
+def load_transcriber(path: str | Path | None = None, device: str = "cpu"):
+    """A saved transcriber (a model directory or a training run), or the shipped one."""
+    from musefm.models.transcriber import Transcriber
+
+    directory = Path(path) if path else SHIPPED_MODEL
+    if path is None and not (directory / "model.safetensors").is_file():
+        raise MusefmError(f"the shipped transcription model is missing from {directory} (reinstall musefm)")
+    if (directory / "run.json").exists() and not (directory / "config.json").exists():
+        directory = directory / "best"  # a training run: its best model
+    model = Transcriber.from_pretrained(directory, map_location=device)
+    model.eval()
+    return model
+
+
+@dataclass
+class Transcription:
+    notes: np.ndarray  # (N, 4) onset s, offset s, pitch, velocity
+    audio_seconds: float
+    seconds_taken: float
+
+
+def transcribe_file(model, path: Path, decode=None, chunk_seconds: float = 60.0) -> Transcription:
+    """Notes of one audio file. Raises BadInputError naming the file when it cannot be used."""
+    from musefm.audio.features import log_mel_for_file
+    from musefm.transcription.postprocess import activations_to_notes
+
+    started = time.perf_counter()
+    config = model.config
+    mel = log_mel_for_file(path, config.mel_config(), chunk_seconds=chunk_seconds)  # (T, n_mels), streamed
+    with torch.inference_mode():
+        heads = model.activations(torch.from_numpy(mel))
+    notes = activations_to_notes(heads["onset"], heads["frame"], config.frame_rate, velocity=heads["velocity"],
+                                 config=decode)
+    audio_seconds = (len(mel) - 1) * config.hop_length / config.sample_rate
+    return Transcription(notes, audio_seconds, time.perf_counter() - started)
+
+
+def _unique_stems(paths: list[Path]) -> list[str]:
+    """Output names: the file stems, made unique when two inputs share one (a/x.wav, b/x.wav)."""
+    stems, seen = [], {}
+    for path in paths:
+        stem = path.stem
+        seen[stem] = seen.get(stem, 0) + 1
+        stems.append(stem if seen[stem] == 1 else f"{stem}-{seen[stem]}")
+    return stems
+
+
+def transcribe_paths(paths: list[Path], out: Path, model=None, sonify: bool = False, soundfont: str | None = None,
+                     decode=None, stream=None) -> dict:
+    """Transcribe many files into ``out``; returns a summary (done, rejected, seconds, real-time factor)."""
+    from musefm.audio.render import render_midi
+    from musefm.progress import Progress
+    from musefm.transcription.postprocess import write_midi, write_notes_csv
+    from musefm.viz.pianoroll import plot_notes
+
+    model = model or load_transcriber()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    done, rejected = [], []
+    audio_seconds = taken = 0.0
+    # One file needs no progress lines: its result (or its one-line error) is the whole output.
+    progress_stream = stream if len(paths) > 1 else open(os.devnull, "w")
+    with Progress(len(paths), "transcribe", stream=progress_stream) as bar:
+        for path, stem in zip(paths, _unique_stems(paths)):
+            try:
+                result = transcribe_file(model, Path(path), decode)
+                write_midi(result.notes, out / f"{stem}.mid")
+                write_notes_csv(result.notes, out / f"{stem}.csv")
+                plot_notes(result.notes, out / f"{stem}.png", title=f"{Path(path).name}: {len(result.notes)} notes")
+                if sonify:
+                    render_midi(out / f"{stem}.mid", out / f"{stem}.sonified.wav", soundfont, model.config.sample_rate)
+                done.append({"input": str(path), "midi": f"{stem}.mid", "notes": int(len(result.notes)),
+                             "audio_seconds": round(result.audio_seconds, 3), "seconds": round(result.seconds_taken, 3)})
+                audio_seconds += result.audio_seconds
+                taken += result.seconds_taken
+            except BadInputError as error:
+                rejected.append({"path": error.path, "reason": error.reason})
+            bar.update(1, done=len(done), rejected=len(rejected))
+    (out / "rejected.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rejected))
+    (out / "transcriptions.json").write_text(json.dumps(done, indent=2))
+    return {"done": done, "rejected": rejected, "audio_seconds": audio_seconds, "seconds": taken,
+            "real_time_factor": taken / audio_seconds if audio_seconds else 0.0}

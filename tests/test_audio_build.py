@@ -1,0 +1,111 @@
+"""Paired audio datasets: rendering with soundfonts, aligned notes, held-out test timbres, resume,
+bad files, and the training windows read from them."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from musefm.data.audio_build import AudioBuildConfig, build_audio_dataset, piano_performance
+from musefm.data.audio_dataset import TranscriptionWindows, open_audio_dataset, read_segment
+from musefm.errors import MusefmError
+from tests.conftest import make_score
+
+needs_fluidsynth = pytest.mark.skipif(shutil.which("fluidsynth") is None, reason="fluidsynth is not installed")
+
+
+def write_pieces(folder, count=6):
+    folder.mkdir(parents=True, exist_ok=True)
+    for number in range(count):
+        pitches = [48 + number + step for step in (0, 4, 7, 12, 7, 4)]
+        make_score(pitches=pitches, qpm=160.0, chord=number % 2 == 0).dump_midi(str(folder / f"piece{number}.mid"))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    root = tmp_path_factory.mktemp("audio")
+    source = write_pieces(root / "midi")
+    (source / "broken.mid").write_bytes(b"MThd this is not a MIDI file")
+    config = AudioBuildConfig(sources=[f"dir:{source}"], out=str(root / "data"), soundfonts=["timgm6mb"],
+                              test_soundfonts=["fluidr3"], valid_fraction=0.0, test_fraction=0.5, workers=1)
+    summary = build_audio_dataset(config)
+    return root, config, summary
+
+
+@needs_fluidsynth
+def test_build_renders_aligned_pairs_and_rejects_bad_files(built):
+    from musefm.audio.io import load_audio
+    from musefm.transcription.labels import notes_from_midi
+    from musefm.transcription.postprocess import read_notes_csv
+
+    root, config, summary = built
+    dataset = open_audio_dataset(config.out)
+    assert summary.examples == len(dataset.rows) == 6
+    rejected = [json.loads(line) for line in (root / "data" / "rejected.jsonl").read_text().splitlines()]
+    assert [row["path"].endswith("broken.mid") for row in rejected] == [True]
+    for row in dataset.rows:
+        # The held-out timbre: test pieces use the test soundfont only, the others never use it.
+        assert (row["soundfont"] == "fluidr3") == (row["split"] == "test")
+        notes = read_notes_csv(dataset.path(row["notes"]))
+        assert np.allclose(notes, notes_from_midi(dataset.path(row["midi"])), atol=1e-3)
+        audio, rate = load_audio(dataset.path(row["audio"]))
+        assert rate == 16000 and len(audio) / rate >= notes[:, 1].max() - 0.05
+        # Sound where the notes are: the first note's attack is louder than the silence before the end.
+        onset = int(notes[0, 0] * rate)
+        assert np.abs(audio[onset : onset + 1600]).max() > 0.01
+    assert {row["split"] for row in dataset.rows} >= {"train", "test"}
+
+
+@needs_fluidsynth
+def test_build_resumes_without_rendering_again(built):
+    root, config, _ = built
+    flac = sorted((root / "data" / "audio").glob("*.flac"))
+    stamps = [path.stat().st_mtime_ns for path in flac]
+    summary = build_audio_dataset(config)
+    assert summary.resumed_files == 7 and summary.examples == 6
+    assert [path.stat().st_mtime_ns for path in flac] == stamps
+
+
+def test_build_refuses_unknown_soundfont(tmp_path):
+    config = AudioBuildConfig(sources=["dir:x"], out=str(tmp_path / "o"), soundfonts=["no-such-font"])
+    with pytest.raises(MusefmError, match="no-such-font"):
+        config.validate()
+
+
+def test_piano_performance_is_one_piano_track_with_varied_dynamics():
+    score = make_score(chord=True)
+    played = piano_performance(score, np.random.default_rng(0), (40, 100), 10.0, piano=True)
+    assert len(played.tracks) == 1 and played.tracks[0].program == 0
+    assert played.note_num() == score.note_num()
+    velocities = played.tracks[0].notes.numpy()["velocity"]
+    assert velocities.min() >= 1 and velocities.max() <= 127 and len(set(velocities.tolist())) > 3
+
+
+@needs_fluidsynth
+def test_training_windows_hold_audio_and_matching_targets(built):
+    _, config, _ = built
+    dataset = open_audio_dataset(config.out)
+    windows = TranscriptionWindows(dataset, "train", segment_seconds=1.0, sample_rate=16000, hop_length=320, seed=1)
+    item = windows[0]
+    assert item["audio"].shape == (16000,)
+    assert item["onset"].shape == item["frame"].shape == (16000 // 320 + 1, 88)
+    assert item["onset"].sum() > 0 and (item["frame"] >= item["onset"]).all()
+    # The same (seed, epoch, index) gives the same window; another epoch moves it.
+    again = TranscriptionWindows(dataset, "train", segment_seconds=1.0, sample_rate=16000, hop_length=320, seed=1)
+    assert np.array_equal(item["audio"].numpy(), again[0]["audio"].numpy())
+    windows.set_epoch(1)
+    assert not np.array_equal(item["audio"].numpy(), windows[0]["audio"].numpy())
+
+
+def test_read_segment_pads_past_the_end_and_resamples(tmp_path):
+    from musefm.audio.io import save_audio
+
+    tone = np.sin(2 * np.pi * 440 * np.arange(22050) / 22050).astype(np.float32)  # 1 s at 22.05 kHz
+    save_audio(tmp_path / "tone.wav", tone, 22050)
+    segment = read_segment(tmp_path / "tone.wav", 0.5, 1.0, 16000)
+    assert segment.shape == (16000,)
+    assert np.abs(segment[:7000]).max() > 0.5 and np.abs(segment[8500:]).max() == 0.0

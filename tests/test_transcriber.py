@@ -1,0 +1,176 @@
+"""The transcriber: shapes, save/load, windowed inference, learning, the recipe (incl. resume),
+``musefm transcribe`` / ``evaluate transcription`` and the shipped model."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from musefm.cli import main as cli
+from musefm.models.transcriber import PRESETS, Transcriber, config_from_preset
+from musefm.transcription.transcribe import SHIPPED_MODEL, load_transcriber, transcribe_file
+from tests.conftest import make_score
+from tests.test_audio_build import write_pieces
+
+needs_fluidsynth = pytest.mark.skipif(shutil.which("fluidsynth") is None, reason="fluidsynth is not installed")
+
+
+def tiny_model(seed=0) -> Transcriber:
+    torch.manual_seed(seed)
+    return Transcriber(config_from_preset("debug"))
+
+
+def test_forward_gives_one_frame_per_hop_for_every_head():
+    model = tiny_model().eval()
+    audio = torch.randn(2, 16000)
+    logits = model(audio)
+    assert set(logits) == {"onset", "offset", "frame", "velocity"}
+    for value in logits.values():
+        assert value.shape == (2, 16000 // 320 + 1, 88)
+
+
+def test_save_and_load_give_the_same_outputs(tmp_path):
+    model = tiny_model().eval()
+    model.save_pretrained(tmp_path / "m")
+    loaded = load_transcriber(tmp_path / "m")
+    audio = torch.randn(1, 8000)
+    with torch.no_grad():
+        assert torch.allclose(model(audio)["frame"], loaded(audio)["frame"])
+
+
+def test_windowed_activations_cover_every_frame():
+    model = tiny_model().eval()
+    with torch.no_grad():
+        mel = model.mel(torch.randn(16000 * 3))  # (151, n_mels)
+        whole = {name: torch.sigmoid(value[0]).numpy() for name, value in model(mel=mel.unsqueeze(0)).items()}
+    one_window = model.activations(mel, window_frames=1000)
+    assert np.allclose(one_window["frame"], whole["frame"], atol=1e-6)
+    windowed = model.activations(mel, window_frames=60, overlap_frames=20)
+    for name in whole:  # every frame written (no zero gaps), and close to the whole-input result
+        assert windowed[name].shape == whole[name].shape
+        assert np.abs(windowed[name] - whole[name]).max() < 0.05
+
+
+def test_the_model_learns_a_batch():
+    from musefm.transcription.labels import notes_to_targets
+
+    model = tiny_model(1)
+    time = np.arange(8000) / 16000
+    audio = (0.5 * np.sin(2 * np.pi * 261.63 * time) * (time > 0.1)).astype(np.float32)  # C4 from 0.1 s
+    targets = notes_to_targets(np.array([[0.1, 0.4, 60, 90]]), 8000 // 320 + 1, 50.0)
+    batch = {"audio": torch.from_numpy(audio)[None]} | {k: torch.from_numpy(v)[None] for k, v in targets.items()}
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(30):
+        loss, metrics, _ = model.loss(batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.3 * losses[0]
+
+
+def test_presets_validate_and_bad_settings_are_named():
+    from musefm.errors import MusefmError
+
+    for name in PRESETS:
+        config_from_preset(name)
+    with pytest.raises(MusefmError, match="fmax"):
+        config_from_preset("debug", fmax=20000.0)
+    with pytest.raises(MusefmError, match="no_such_key"):
+        config_from_preset("debug", no_such_key=1)
+
+
+@pytest.fixture(scope="module")
+def audio_data(tmp_path_factory):
+    from musefm.data.audio_build import AudioBuildConfig, build_audio_dataset
+
+    root = tmp_path_factory.mktemp("transcriber")
+    config = AudioBuildConfig(sources=[f"dir:{write_pieces(root / 'midi', 4)}"], out=str(root / "data"),
+                              soundfonts=["timgm6mb"], valid_fraction=0.5, test_fraction=0.0, workers=1)
+    build_audio_dataset(config)
+    return root
+
+
+@needs_fluidsynth
+def test_recipe_trains_scores_and_resumes_exactly(audio_data, capsys):
+    run = audio_data / "run"
+    args = ["train-transcriber", "--config", "transcriber_debug", "--data", str(audio_data / "data"), "--out", str(run)]
+    assert cli(args) == 0
+    scores = json.loads((run / "eval.json").read_text())
+    assert scores["split"] == "valid" and 0.0 <= scores["note_f1"] <= 1.0
+    assert (run / "best" / "model.safetensors").is_file()
+
+    # Stop at step 3 and resume: the weights equal those of the uninterrupted 6-step run.
+    half = audio_data / "half"
+    assert cli(args[:-1] + [str(half), "train.max_steps=3", "final_split="]) == 0
+    run_config = json.loads((half / "run.json").read_text())
+    run_config["config"]["train"]["max_steps"] = 6
+    (half / "run.json").write_text(json.dumps(run_config))
+    assert cli(["train-transcriber", "--out", str(half), "--resume"]) == 0
+    from safetensors.torch import load_file
+
+    full = load_file(str(run / "checkpoints" / "step-00000006" / "model.safetensors"))
+    resumed = load_file(str(half / "checkpoints" / "step-00000006" / "model.safetensors"))
+    for name in full:
+        assert torch.allclose(full[name], resumed[name], atol=1e-6), name
+
+
+@needs_fluidsynth
+def test_transcribe_cli_writes_outputs_and_goes_past_bad_files(audio_data, tmp_path, capsys):
+    from musefm.audio.io import save_audio
+
+    model_dir = tmp_path / "model"
+    tiny_model().save_pretrained(model_dir)
+    good = tmp_path / "tone.wav"
+    save_audio(good, 0.3 * np.sin(2 * np.pi * 440 * np.arange(16000) / 16000).astype(np.float32), 16000)
+    bad = tmp_path / "notes.wav"
+    bad.write_text("this is not audio")
+    out = tmp_path / "out"
+    code = cli(["transcribe", str(good), str(bad), "-o", str(out), "--model", str(model_dir), "--sonify"])
+    assert code == 1  # one file skipped
+    for suffix in (".mid", ".csv", ".png"):
+        assert (out / f"tone{suffix}").is_file()
+    rejected = [json.loads(line) for line in (out / "rejected.jsonl").read_text().splitlines()]
+    assert rejected[0]["path"].endswith("notes.wav")
+    # A single bad file: exit 2 and one line naming it.
+    capsys.readouterr()
+    assert cli(["transcribe", str(bad), "-o", str(out), "--model", str(model_dir)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and "notes.wav" in error
+
+
+def test_evaluate_transcription_cli_scores_identical_notes_perfectly(tmp_path, capsys):
+    from musefm.transcription.postprocess import write_midi
+
+    notes = np.array([[0.5, 1.0, 60, 80], [1.0, 1.5, 64, 70], [1.5, 2.5, 67, 90]], dtype=np.float64)
+    write_midi(notes, tmp_path / "pred" / "a.mid")
+    write_midi(notes, tmp_path / "ref" / "a.mid")
+    assert cli(["evaluate", "transcription", "--pred", str(tmp_path / "pred"), "--ref", str(tmp_path / "ref"),
+                "--out", str(tmp_path / "report")]) == 0
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert json.dumps(report).count("note_f1") >= 1
+    assert (tmp_path / "report" / "report.md").is_file()
+    flat = json.dumps(report)
+    assert '"note_offset_f1": 1.0' in flat
+
+
+@needs_fluidsynth
+@pytest.mark.skipif(not (SHIPPED_MODEL / "model.safetensors").is_file(), reason="shipped model not built yet")
+def test_shipped_model_transcribes_a_rendered_piano_piece(tmp_path):
+    """The model inside the package, on a piece and soundfont it never saw: most notes right."""
+    from musefm.audio.render import render_midi
+    from musefm.evaluation.transcription import score_notes
+    from musefm.transcription.labels import notes_from_midi
+
+    score = make_score(pitches=(60, 64, 67, 72, 71, 67, 65, 62, 60, 55, 57, 59, 60), qpm=132.0, chord=True)
+    score.tracks[1].program = 0  # both parts on the piano
+    score.dump_midi(str(tmp_path / "piece.mid"))
+    render_midi(tmp_path / "piece.mid", tmp_path / "piece.wav", "musescore", 16000)
+    result = transcribe_file(load_transcriber(), tmp_path / "piece.wav")
+    scores = score_notes(notes_from_midi(tmp_path / "piece.mid"), result.notes)
+    assert scores["note_f1"] > 0.8
