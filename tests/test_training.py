@@ -208,7 +208,8 @@ def test_nan_loss_stops_with_a_clear_message(long_pieces, tmp_path, monkeypatch)
         pretrain(_config(data, tmp_path / "nan"), stream=open(os.devnull, "w"))
 
 
-@pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.yaml")), ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", sorted(p for p in CONFIG_DIR.glob("*.yaml") if not p.stem.startswith("transcriber")),
+                         ids=lambda p: p.stem)
 def test_shipped_configs_are_valid(path, long_pieces):
     data, octuple = long_pieces
     config = load_config(str(path), None, {"data": str(data), "out": "unused"}, [])

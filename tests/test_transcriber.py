@@ -85,6 +85,15 @@ def test_presets_validate_and_bad_settings_are_named():
         config_from_preset("debug", no_such_key=1)
 
 
+@pytest.mark.parametrize("name", ["transcriber_debug", "transcriber_small"])
+def test_shipped_transcriber_configs_are_valid(name):
+    from musefm.recipes.train_transcriber import load_config
+
+    config = load_config(name, {"data": "unused", "out": "unused"}, [])
+    config.validate()
+    config_from_preset(config.preset, **config.model_settings)
+
+
 @pytest.fixture(scope="module")
 def audio_data(tmp_path_factory):
     from musefm.data.audio_build import AudioBuildConfig, build_audio_dataset

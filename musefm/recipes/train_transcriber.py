@@ -38,7 +38,7 @@ class TranscriberTrainConfig:
     final_limit: int = 0  # at most this many files in the final scoring (0: all)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=6e-4, weight_decay=0.0, warmup_steps=200,
                                                                    batch_size=8, max_steps=5000, eval_every=500,
-                                                                   save_every=500, eval_batches=20))
+                                                                   save_every=500, eval_batches=20, loader_threads=2))
 
     def validate(self) -> None:
         if self.segment_seconds <= 0.5:

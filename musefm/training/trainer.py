@@ -50,11 +50,17 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     device: str = "auto"
     seed: int = 0
+    # Threads that prepare the next batch while this one trains (0 = load in the training thread).
+    # Worth it when items are costly (audio decoding and augmentation); results do not change,
+    # since every item's randomness comes from (seed, epoch, index).
+    loader_threads: int = 0
 
     def validate(self) -> None:
         for name in ("max_steps", "batch_size", "grad_accum", "eval_every", "save_every", "log_every", "keep_last"):
             if getattr(self, name) < 1:
                 raise MusefmError(f"train.{name} must be >= 1")
+        if self.loader_threads < 0:
+            raise MusefmError("train.loader_threads must be >= 0")
         if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1 or self.warmup_steps < 0:
             raise MusefmError("train.lr must be > 0, train.min_lr_ratio in [0, 1], train.warmup_steps >= 0")
 
@@ -190,6 +196,13 @@ class Trainer:
             if config.grad_accum != 1:
                 raise MusefmError("train.grad_accum must be 1 for a model with memory (memory_len > 0)")
         self.logger = RunLogger(self.run_dir, enabled=self.context.is_main, total_steps=config.max_steps, stream=stream)
+        self.prefetch = None  # ((epoch, batch number), future of its micro-batches)
+        self.item_pool = self.prefetch_pool = None
+        if config.loader_threads > 0 and not self.uses_memory:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self.item_pool = ThreadPoolExecutor(config.loader_threads)
+            self.prefetch_pool = ThreadPoolExecutor(1)
 
     # ---- state -------------------------------------------------------------------------
 
@@ -236,6 +249,25 @@ class Trainer:
         return order(data, self.config.batch_size, self.config.seed, self.epoch, self.context.rank,
                      self.context.world_size)
 
+    def _micro_batches(self, indices: list[int]) -> list[dict]:
+        chunks = [indices[i::self.config.grad_accum] for i in range(self.config.grad_accum)]
+        load = self.item_pool.map if self.item_pool is not None else map
+        return [collate(list(load(self.train_data.__getitem__, chunk))) for chunk in chunks if chunk]
+
+    def _batch(self, batches: EpochBatches) -> list[dict]:
+        """This step's micro-batches: prefetched during the previous step when loader threads are on;
+        then the next batch of the same epoch starts loading (the dataset's epoch stays the same)."""
+        key = (self.epoch, self.batch_in_epoch)
+        if self.prefetch is not None and self.prefetch[0] == key:
+            micro = self.prefetch[1].result()
+        else:
+            micro = self._micro_batches(batches.rank_indices(self.batch_in_epoch))
+        self.prefetch = None
+        if self.prefetch_pool is not None and self.batch_in_epoch + 1 < len(batches):
+            upcoming = batches.rank_indices(self.batch_in_epoch + 1)
+            self.prefetch = ((self.epoch, self.batch_in_epoch + 1), self.prefetch_pool.submit(self._micro_batches, upcoming))
+        return micro
+
     def train_step(self, batches: EpochBatches) -> dict:
         """One optimizer step over this rank's share of global batch ``batch_in_epoch``."""
         config = self.config
@@ -244,17 +276,16 @@ class Trainer:
         if self.uses_memory:
             indices, new_piece = batches.rank_batch(self.batch_in_epoch)
             memory_mask = ~new_piece.to(self.device)  # (B,): rows starting a piece see no memory
+            micro = [collate([self.train_data[i] for i in indices])]
         else:
-            indices = batches.rank_indices(self.batch_in_epoch)
-        micro = [indices[i::config.grad_accum] for i in range(config.grad_accum)]
-        micro = [chunk for chunk in micro if chunk]
+            micro = self._batch(batches)
         lr = learning_rate(self.step, config)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.model.train()
         totals = {"loss": 0.0, "tokens": 0, "correct": 0.0}
-        for number, chunk in enumerate(micro):
-            batch = _to_device(collate([self.train_data[i] for i in chunk]), self.device)
+        for number, batch in enumerate(micro):
+            batch = _to_device(batch, self.device)
             sync = number == len(micro) - 1
             context = self.loss_module.no_sync() if self.context.enabled and not sync else nullcontext()
             with context:
@@ -358,6 +389,9 @@ class Trainer:
             self.logger.message(f"interrupted at step {self.step}: checkpoint saved to {path}")
             raise
         finally:
+            for pool in (self.item_pool, self.prefetch_pool):
+                if pool is not None:
+                    pool.shutdown(wait=True, cancel_futures=True)
             if self.context.is_main:
                 plot_loss_curve(self.run_dir)
             self.logger.close()
