@@ -109,7 +109,8 @@ def _generate(args) -> int:
         "top_p": args.top_p, "beam": args.beam, "max_tokens": args.max_tokens, "bars": args.bars,
         "seconds": args.seconds, "key": args.key, "pitch_low": low, "pitch_high": high, "programs": programs,
         "time_signature": args.time_signature, "constrained": not args.no_constraint, "render": not args.no_audio,
-        "max_notes_per_onset": args.max_notes_per_onset,
+        "max_notes_per_onset": args.max_notes_per_onset, "infill": args.infill,
+        "infill_candidates": args.infill_candidates, "infill_iterations": args.infill_iterations,
     })
     written = generate(config)
     print(f"{len(written)} sample(s) written to {config.out}")
@@ -275,7 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_argument("overrides", nargs="*", help="key=value, e.g. train.lr=1e-3 model_settings.d_model=128")
     pretrain.set_defaults(func=_pretrain)
 
-    generate = commands.add_parser("generate", help="continue a prompt or generate from scratch with a MusicLM")
+    generate = commands.add_parser("generate", help="continue a prompt or generate from scratch with a MusicLM; "
+                                                     "infill bars with a MusicLM or MusicBERT")
     generate.add_argument("--model", required=True, help="run or model directory")
     generate.add_argument("--prompt", help="MIDI/MusicXML/ABC file or corpus id (music21:bach/bwv66.6)")
     generate.add_argument("--prompt-bars", type=int, default=0, help="keep the prompt's first N bars (0: all)")
@@ -296,6 +298,11 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--max-notes-per-onset", type=int, default=12, help="cap on notes starting together (0: none)")
     generate.add_argument("--no-constraint", action="store_true", help="sample without the token grammar")
     generate.add_argument("--no-audio", action="store_true", help="skip the WAV rendering")
+    generate.add_argument("--infill", metavar="I:J", help="regenerate bars I..J of --prompt, the rest unchanged "
+                          "(bars numbered from 1 as in a score, both included; e.g. 5:8)")
+    generate.add_argument("--infill-candidates", type=int, default=8,
+                          help="music-lm infilling: candidates drawn, the one the following bars fit best is kept")
+    generate.add_argument("--infill-iterations", type=int, default=10, help="music-bert infilling: mask-predict passes")
     generate.set_defaults(func=_generate)
 
     evaluate = commands.add_parser("evaluate", help="metrics of generated music, or of transcriptions (evaluate transcription)")

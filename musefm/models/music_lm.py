@@ -198,6 +198,35 @@ class MusicLM(PretrainedModel):
         hidden, new_memory, new_memory_mask = self.hidden_states(input_ids, attention_mask, memory, memory_mask, cache)
         return MusicLMOutput(self.lm_head(hidden), new_memory, cache, new_memory_mask)
 
+    @torch.no_grad()
+    def generate(self, tokenizer, prompt_ids=None, max_new_tokens: int = 256, constrained: bool = True, **sampling):
+        """Continue ``prompt_ids`` (model ids, BOS first; None = from scratch) by up to ``max_new_tokens``.
+
+        Returns (ids (T,): prompt + new tokens, the symusic Score they decode to). ``sampling`` goes to
+        ``musefm.generation.sampling.sample`` (temperature, top_k, top_p, seed, window, constraint);
+        ``constrained`` adds the token grammar when no ``constraint`` is given (needs a tokenizer
+        without BPE).
+        """
+        import numpy as np
+        from symusic import Score
+
+        from musefm.data.tokenize import decode, undo_bpe
+        from musefm.generation.constraints import GrammarConstraint
+        from musefm.generation.sampling import sample
+
+        if tokenizer.is_multi_voc:
+            raise MusefmError(f"tokenizer: {type(tokenizer).__name__} is not a single token stream (REMI or TSD)")
+        prompt = torch.as_tensor([tokenizer.vocab["BOS_None"]] if prompt_ids is None else np.asarray(prompt_ids),
+                                 dtype=torch.long)
+        if prompt.ndim != 1 or not len(prompt) or int(prompt.min()) < 0 or int(prompt.max()) >= self.config.vocab_size:
+            raise MusefmError(f"prompt_ids: expected (T,) ids of the model's {self.config.vocab_size}-token vocabulary")
+        if constrained and sampling.get("constraint") is None:
+            sampling["constraint"] = GrammarConstraint(tokenizer)
+        new_ids, _ = sample(self, prompt, max_new_tokens, **sampling)
+        ids = torch.cat([prompt, new_ids]).numpy()
+        music = undo_bpe(tokenizer, ids[~np.isin(ids, tokenizer.special_tokens_ids)])
+        return ids, decode(tokenizer, music) if len(music) else Score(tokenizer.time_division)
+
     def loss(self, batch: dict, memory=None, memory_mask=None):
         """Next-token cross-entropy over positions whose input and target are both real tokens.
 

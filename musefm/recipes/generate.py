@@ -1,4 +1,4 @@
-"""``musefm generate``: continue a prompt (or start from nothing) with a trained MusicLM.
+"""``musefm generate``: continue a prompt (or start from nothing) with a trained MusicLM, or infill bars.
 
 Everything is checked before anything is generated or written: the model directory and its family,
 its tokenizer against the model's vocabulary, the prompt (readable, encodable, accepted by the
@@ -19,6 +19,11 @@ Decisions:
   context.
 - Beam search (``beam > 0``) is deterministic and ranks by mean log-probability per token; it stops
   on ``max_tokens`` only (a beam cannot be cut at a bar count and resumed).
+- Infilling (``infill="I:J"``) regenerates bars I..J of the prompt, the rest unchanged. Bars are
+  numbered from 1 here, as a score numbers them (``musefm.generation.infill`` numbers from 0). A
+  MusicLM samples ``infill_candidates`` and keeps the one the right context likes best; a MusicBERT
+  (usable for infilling only) runs ``infill_iterations`` mask-predict passes. Sample ``k`` uses seed
+  ``seed + k``; the piano roll shades from bar I (``plot_pianoroll`` shades to the end of the piece).
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from symusic import Score
 
 from musefm.config import to_dict
 from musefm.data.dataset import BOS, EOS
-from musefm.data.tokenize import bar_token_ids
+from musefm.data.tokenize import bar_token_ids, decode
 from musefm.errors import MusefmError
 
 CHUNK_TOKENS = 64  # bars/seconds rules: new tokens drawn between two checks of the rule
@@ -44,7 +49,7 @@ DEFAULT_MAX_TOKENS = 512  # when no stop rule is given
 
 @dataclass
 class GenerateConfig:
-    model: str = ""  # run dir or model dir (MusicLM family only)
+    model: str = ""  # run dir or model dir (MusicLM; MusicBERT for infilling only)
     out: str = ""
     prompt: str | None = None  # file path or corpus id; None = from scratch (BOS only)
     prompt_bars: int = 0  # keep only the first N bars of the prompt (0 = all of it)
@@ -65,6 +70,9 @@ class GenerateConfig:
     max_notes_per_onset: int = 12  # no onset may start more notes (0 = no limit)
     constrained: bool = True  # grammar-constrained decoding (always valid output)
     render: bool = True  # WAV through FluidSynth; skipped with a note when unavailable
+    infill: str | None = None  # "I:J": regenerate bars I..J of the prompt (numbered from 1, both included)
+    infill_candidates: int = 8  # MusicLM infilling: candidates drawn, the best under the right context kept
+    infill_iterations: int = 10  # MusicBERT infilling: mask-predict passes
 
     def validate(self) -> None:
         if not self.model:
@@ -91,6 +99,31 @@ class GenerateConfig:
         musical = [name for name in ("key", "pitch_low", "programs", "time_signature") if getattr(self, name) is not None]
         if musical and not self.constrained:
             raise MusefmError(f"{musical[0]}: musical constraints need constrained decoding (drop --no-constraint)")
+        if self.infill is not None:
+            self.infill_bars()
+            if self.prompt is None:
+                raise MusefmError("infill: needs --prompt, the piece whose bars are regenerated")
+            for name in ("beam", "max_tokens", "bars", "seconds"):
+                if getattr(self, name):
+                    raise MusefmError(f"{name}: a continuation setting; --infill regenerates exactly bars I..J")
+            if self.time_signature is not None:
+                raise MusefmError("time_signature: infilled bars keep the piece's time signatures")
+            for name in ("infill_candidates", "infill_iterations"):
+                if getattr(self, name) < 1:
+                    raise MusefmError(f"{name}: must be at least 1, got {getattr(self, name)}")
+
+    def infill_bars(self) -> tuple[int, int] | None:
+        """The ``infill`` bars I:J (numbered from 1) as 0-based (i, j); None without infilling."""
+        if self.infill is None:
+            return None
+        parts = str(self.infill).split(":")
+        try:
+            first, last = (int(part) for part in parts)
+        except ValueError:
+            raise MusefmError(f"infill: expected I:J, two bar numbers from 1 (e.g. 3:4), got {self.infill!r}") from None
+        if first < 1 or first > last:
+            raise MusefmError(f"infill: {self.infill} is not a range of bars I <= J numbered from 1")
+        return first - 1, last - 1
 
     def stop_rules(self) -> tuple[int, int, float]:
         """(max_tokens, bars, seconds) with the default when none is given."""
@@ -341,8 +374,11 @@ class Plan:
     constraint: object
 
 
-def load_generator(path) -> tuple[object, object, Path]:
-    """(MusicLM, its tokenizer, its model dir) from a run or model dir; MusefmError for anything else."""
+def load_generator(path, infill: bool = False) -> tuple[object, object, Path]:
+    """(MusicLM, its tokenizer, its model dir) from a run or model dir; with ``infill`` a MusicBERT too.
+
+    MusefmError for anything else.
+    """
     from musefm.data.tokenize import load_tokenizer
     from musefm.models.base import load_pretrained, read_model_config
     from musefm.training.checkpoint import resolve_model_dir
@@ -351,11 +387,21 @@ def load_generator(path) -> tuple[object, object, Path]:
         raise MusefmError(f"{path}: no such run or model directory")
     model_dir = resolve_model_dir(path)
     family = read_model_config(model_dir)["family"]
-    if family != "music-lm":
+    if family == "music-bert" and not infill:
+        raise MusefmError(f"{path}: holds a music-bert model, not a generative music-lm (a music-bert can only "
+                          f"infill: --infill I:J --prompt PIECE)")
+    if family not in ("music-lm", "music-bert"):
         raise MusefmError(f"{path}: holds a {family} model, not a generative music-lm")
     tokenizer = load_tokenizer(model_dir / "tokenizer.json")
     model, _ = load_pretrained(model_dir)
-    check_compatible(model, tokenizer, label=str(model_dir / "tokenizer.json"))
+    if family == "music-bert":
+        from musefm.models.music_bert import octuple_fields
+
+        label = model_dir / "tokenizer.json"
+        if not tokenizer.is_multi_voc or list(octuple_fields(tokenizer)[1]) != list(model.config.field_vocab_sizes):
+            raise MusefmError(f"{label}: its vocabularies do not match the music-bert model's fields")
+    else:
+        check_compatible(model, tokenizer, label=str(model_dir / "tokenizer.json"))
     return model.eval(), tokenizer, model_dir
 
 
@@ -381,17 +427,36 @@ def prompt_ids_from(tokenizer, spec: str | None, prompt_bars: int = 0) -> np.nda
 
 def prepare(config: GenerateConfig) -> Plan:
     """Check everything (config, model, tokenizer, prompt, constraints); writes nothing."""
+    from musefm.data.corpus import load_piece
     from musefm.generation.constraints import GrammarConstraint
+    from musefm.generation.infill import num_bars, piece_ids, piece_programs
 
     config.validate()
-    model, tokenizer, model_dir = load_generator(config.model)
+    infill = config.infill_bars()
+    model, tokenizer, model_dir = load_generator(config.model, infill=infill is not None)
     if config.bars and not len(bar_token_ids(tokenizer)):
         raise MusefmError(f"bars: counts Bar tokens, which {type(tokenizer).__name__} has none of; use seconds")
-    prompt_ids = prompt_ids_from(tokenizer, config.prompt, config.prompt_bars)
+    if infill is not None:
+        if not tokenizer.is_multi_voc and not len(bar_token_ids(tokenizer)):
+            raise MusefmError(f"infill: counts Bar tokens, which {type(tokenizer).__name__} has none of (use REMI)")
+        if model.family == "music-lm" and not config.constrained:
+            raise MusefmError("infill: a music-lm infills under the token grammar (drop --no-constraint)")
+        prompt_ids = piece_ids(tokenizer, load_piece(config.prompt).score, config.prompt, config.prompt_bars)
+        bar_count = num_bars(tokenizer, prompt_ids)
+        if infill[1] >= bar_count:
+            raise MusefmError(f"infill: bars {config.infill} lie outside {config.prompt}, which has bars 1..{bar_count}")
+        if model.family == "music-bert":
+            return Plan(model, tokenizer, model_dir, prompt_ids, None)
+        prompt_ids = np.concatenate([[BOS], prompt_ids]).astype(np.int64)
+    else:
+        prompt_ids = prompt_ids_from(tokenizer, config.prompt, config.prompt_bars)
     constraint = None
     if config.constrained:
         pitch_range = (config.pitch_low, config.pitch_high) if config.pitch_low is not None else None
-        constraint = GrammarConstraint(tokenizer, key=config.key, pitch_range=pitch_range, programs=config.programs,
+        programs = config.programs
+        if infill is not None and programs is None:  # infilled notes play the piece's instruments
+            programs = piece_programs(tokenizer, prompt_ids)
+        constraint = GrammarConstraint(tokenizer, key=config.key, pitch_range=pitch_range, programs=programs,
                                        time_signature=config.time_signature,
                                        max_notes_per_onset=config.max_notes_per_onset or None)
         try:
@@ -409,22 +474,28 @@ def grammar_errors(tokenizer, ids) -> int | None:
     return round(float(tokenizer.tokens_errors(body)) * len(body)) if body else 0
 
 
+def _write_music(score: Score, stem: Path, index: int, config: GenerateConfig, stream) -> tuple[str | None, str | None]:
+    """``stem``.mid and, when asked and possible, ``stem``.wav; returns (audio file name, note on why none)."""
+    from musefm.audio.render import render_midi
+
+    score.dump_midi(str(stem.with_suffix(".mid")))
+    if not config.render:
+        return None, None
+    try:
+        return render_midi(stem.with_suffix(".mid"), stem.with_suffix(".wav")).name, None
+    except MusefmError as error:
+        print(f"sample {index}: no audio: {error}", file=stream)
+        return None, f"no audio: {error}"
+
+
 def write_sample(sample: Sample, index: int, out: Path, plan: Plan, config: GenerateConfig, stream) -> Path:
     """The MIDI, WAV, PNG and JSON files of one sample; returns the JSON path."""
-    from musefm.audio.render import render_midi
     from musefm.viz.pianoroll import plot_pianoroll
 
     stem = out / f"sample_{index:02d}"
     prompt_score = decode_ids(plan.tokenizer, sample.ids[: sample.prompt_length])
     score = sample.score
-    score.dump_midi(str(stem.with_suffix(".mid")))
-    audio, audio_note = None, None
-    if config.render:
-        try:
-            audio = render_midi(stem.with_suffix(".mid"), stem.with_suffix(".wav")).name
-        except MusefmError as error:
-            audio_note = f"no audio: {error}"
-            print(f"sample {index}: {audio_note}", file=stream)
+    audio, audio_note = _write_music(score, stem, index, config, stream)
     has_prompt = config.prompt is not None
     prompt_end = prompt_score.end() / prompt_score.ticks_per_quarter if has_prompt else None
     title = (f"{Path(str(config.prompt)).name}: prompt, then {len(sample.new_ids)} generated tokens" if has_prompt
@@ -456,10 +527,76 @@ def write_sample(sample: Sample, index: int, out: Path, plan: Plan, config: Gene
     return path
 
 
+def write_infill(result, index: int, out: Path, plan: Plan, config: GenerateConfig, stream) -> Path:
+    """The MIDI, WAV, PNG (the infilled notes drawn as their own part) and JSON files of one infilled piece."""
+    from musefm.generation.infill import notes_between, piece_ids
+    from musefm.viz.pianoroll import plot_pianoroll
+
+    stem = out / f"sample_{index:02d}"
+    score, tokenizer = result.score, plan.tokenizer
+    audio, audio_note = _write_music(score, stem, index, config, stream)
+    first, last = (bar + 1 for bar in result.bars)
+    plot_pianoroll(result.marked_score(), stem.with_suffix(".png"),
+                   title=f"{Path(str(config.prompt)).name}: bars {first}-{last} infilled ({result.method})")
+    start, end = result.quarters()
+    new_ids = result.ids[result.span[0] : result.span[1]]
+    record = {
+        "settings": to_dict(config),
+        "seed": result.seed,
+        "model_dir": str(plan.model_dir),
+        "model_family": plan.model.family,
+        "prompt": {"source": config.prompt, "bars": config.prompt_bars, "tokens": len(plan.prompt_ids)},
+        "infill": {"bars": [first, last], "quarters": [start, end], "method": result.method, **result.details},
+        "num_tokens": len(new_ids),
+        "token_ids": new_ids.tolist(),  # Octuple: one row of field ids per note
+        "log_probs": [round(float(p), 6) for p in result.log_probs],
+        "mean_log_prob": float(np.mean(result.log_probs)) if len(result.log_probs) else None,
+        "notes": score.note_num(),
+        "generated_notes": notes_between(score, start, end),
+        "replaced_notes": notes_between(decode(tokenizer, piece_ids(tokenizer, plan.prompt_ids)), start, end),
+        "seconds": round(seconds_of(score), 4),
+        "grammar_errors": None if tokenizer.is_multi_voc else grammar_errors(tokenizer, result.ids),
+        "files": {"midi": stem.with_suffix(".mid").name, "audio": audio, "pianoroll": stem.with_suffix(".png").name},
+        "audio_note": audio_note,
+    }
+    path = stem.with_suffix(".json")
+    path.write_text(json.dumps(record, indent=2))
+    return path
+
+
+def infill_main(plan: Plan, config: GenerateConfig, stream) -> list[Path]:
+    """``config.num_samples`` infillings of the prompt's bars (sample ``k``: seed ``seed + k``) into ``config.out``."""
+    from musefm.generation.infill import infill_music_bert, infill_music_lm
+
+    bars = config.infill_bars()
+    sampling = dict(temperature=config.temperature, top_k=config.top_k, top_p=config.top_p)
+    results = []
+    for k in range(config.num_samples):
+        if plan.model.family == "music-bert":
+            pitch_range = (config.pitch_low, config.pitch_high) if config.pitch_low is not None else None
+            results.append(infill_music_bert(plan.model, plan.tokenizer, plan.prompt_ids, bars,
+                                             iterations=config.infill_iterations, seed=config.seed + k, key=config.key,
+                                             pitch_range=pitch_range, programs=config.programs, **sampling))
+        else:
+            results.append(infill_music_lm(plan.model, plan.tokenizer, plan.prompt_ids, bars,
+                                           num_candidates=config.infill_candidates, seed=config.seed + k,
+                                           constraint=plan.constraint, **sampling))
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index, result in enumerate(results):
+        paths.append(write_infill(result, index, out, plan, config, stream))
+        print(f"sample {index}: bars {config.infill} infilled ({result.method}), {result.span[1] - result.span[0]} new "
+              f"{'notes' if plan.tokenizer.is_multi_voc else 'tokens'} -> {paths[-1].with_suffix('.mid')}", file=stream)
+    return paths
+
+
 def main(config: GenerateConfig, stream=None) -> list[Path]:
     """Generate ``config.num_samples`` pieces into ``config.out``; returns the sample JSON paths."""
     stream = stream or sys.stderr
     plan = prepare(config)
+    if config.infill is not None:
+        return infill_main(plan, config, stream)
     max_tokens, bars, seconds = config.stop_rules()
     samples = generate_samples(plan.model, plan.tokenizer, plan.prompt_ids, num_samples=config.num_samples,
                                max_tokens=max_tokens, bars=bars, seconds=seconds, temperature=config.temperature,
