@@ -163,11 +163,15 @@ def _train_transcriber(args) -> int:
 
 
 def _transcribe(args) -> int:
-    from musefm.transcription.postprocess import DecodeConfig
+    import dataclasses
+
     from musefm.transcription.transcribe import load_transcriber, transcribe_paths
 
     model = load_transcriber(args.model, device=args.device)
-    decode = DecodeConfig(onset_threshold=args.onset_threshold, frame_threshold=args.frame_threshold)
+    decode = dataclasses.replace(  # the model's validation-tuned thresholds unless given here
+        model.decode_config,
+        **{name: value for name, value in (("onset_threshold", args.onset_threshold),
+                                           ("frame_threshold", args.frame_threshold)) if value is not None})
     summary = transcribe_paths([Path(path) for path in args.inputs], Path(args.out), model, sonify=args.sonify,
                                soundfont=args.soundfont, decode=decode)
     if len(args.inputs) > 1:
@@ -367,8 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
     transcribe.add_argument("--model", help="transcriber model or run directory (default: the shipped piano model)")
     transcribe.add_argument("--sonify", action="store_true", help="also render each MIDI back to WAV")
     transcribe.add_argument("--soundfont", help="soundfont for --sonify (name or path)")
-    transcribe.add_argument("--onset-threshold", type=float, default=0.5)
-    transcribe.add_argument("--frame-threshold", type=float, default=0.5)
+    transcribe.add_argument("--onset-threshold", type=float, help="default: the model's (tuned on validation data)")
+    transcribe.add_argument("--frame-threshold", type=float, help="default: the model's (tuned on validation data)")
     transcribe.add_argument("--device", default="cpu")
     transcribe.set_defaults(func=_transcribe)
 

@@ -109,3 +109,27 @@ def test_read_segment_pads_past_the_end_and_resamples(tmp_path):
     segment = read_segment(tmp_path / "tone.wav", 0.5, 1.0, 16000)
     assert segment.shape == (16000,)
     assert np.abs(segment[:7000]).max() > 0.5 and np.abs(segment[8500:]).max() == 0.0
+
+
+def test_maestro_pairs_keep_their_recordings_and_splits(tmp_path):
+    """MAESTRO rows are used as they are: their own audio (any rate), MIDI, notes and split; a row
+    whose recording is unreadable is rejected and the others go on."""
+    from musefm.audio.io import save_audio
+    from tests.test_corpus import _maestro_fixture
+
+    root = _maestro_fixture(tmp_path / "maestro", as_json=False)
+    rate = 44100
+    for name in ("2018/a.wav", "2018/b.wav"):
+        save_audio(root / name, 0.1 * np.random.default_rng(0).standard_normal(rate * 2).astype(np.float32), rate)
+    (root / "2017/c.wav").write_text("not audio")
+    config = AudioBuildConfig(sources=[f"maestro:{root}"], out=str(tmp_path / "data"), workers=1)
+    summary = build_audio_dataset(config)
+    dataset = open_audio_dataset(tmp_path / "data")
+    assert summary.examples == 2 and summary.rejected == 1
+    by_piece = {row["piece"]: row for row in dataset.rows}
+    assert by_piece["maestro:2018/a"]["split"] == "train" and by_piece["maestro:2018/b"]["split"] == "valid"
+    assert by_piece["maestro:2018/a"]["soundfont"] == "recording"
+    assert dataset.path(by_piece["maestro:2018/a"]["audio"]) == (root / "2018/a.wav").resolve()
+    windows = TranscriptionWindows(dataset, "train", segment_seconds=1.0, sample_rate=16000, hop_length=320)
+    assert windows[0]["audio"].shape == (16000,)  # resampled from 44.1 kHz on the fly
+    assert windows[0]["onset"].sum() > 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -176,10 +177,54 @@ def test_shipped_model_transcribes_a_rendered_piano_piece(tmp_path):
     from musefm.evaluation.transcription import score_notes
     from musefm.transcription.labels import notes_from_midi
 
-    score = make_score(pitches=(60, 64, 67, 72, 71, 67, 65, 62, 60, 55, 57, 59, 60), qpm=132.0, chord=True)
-    score.tracks[1].program = 0  # both parts on the piano
+    from symusic import Note
+
+    score = make_score(pitches=(60, 64, 67, 72, 71, 67, 65, 62, 60, 55, 57, 59, 60), qpm=132.0)
+    melody = score.tracks[0]
+    for note, lower in zip(list(melody.notes), (52, 55, 60, 64, 62, 59, 57, 55, 52, 48, 53, 55, 52)):
+        melody.notes.append(Note(note.time, note.duration, lower, 70))  # a second voice, chorale register
     score.dump_midi(str(tmp_path / "piece.mid"))
     render_midi(tmp_path / "piece.mid", tmp_path / "piece.wav", "musescore", 16000)
     result = transcribe_file(load_transcriber(), tmp_path / "piece.wav")
     scores = score_notes(notes_from_midi(tmp_path / "piece.mid"), result.notes)
     assert scores["note_f1"] > 0.8
+
+
+def test_transcribe_handles_odd_but_valid_audio_and_rejects_broken_audio(tmp_path):
+    """Silence gives no notes; 8 kHz and 192 kHz, 24-bit, 6 channels all work; NaN samples and an
+    empty file are rejected with their reason while the batch goes on."""
+    import soundfile
+
+    model_dir = tmp_path / "model"
+    tiny_model().save_pretrained(model_dir)
+    tone = lambda rate: 0.3 * np.sin(2 * np.pi * 440 * np.arange(rate) / rate)  # noqa: E731 (1 s of A4)
+    files = {"silence.wav": (np.zeros(16000), 16000, "PCM_16"), "low.wav": (tone(8000), 8000, "PCM_16"),
+             "high24.wav": (tone(192000), 192000, "PCM_24"),
+             "surround.flac": (np.tile(tone(16000)[:, None], (1, 6)), 16000, "PCM_16"),
+             "nan.wav": (np.full(16000, np.nan), 16000, "FLOAT")}
+    for name, (audio, rate, subtype) in files.items():
+        soundfile.write(tmp_path / name, audio, rate, subtype=subtype)
+    soundfile.write(tmp_path / "empty.wav", np.zeros(0), 16000)
+    names = list(files) + ["empty.wav"]
+    out = tmp_path / "out"
+    assert cli(["transcribe", *(str(tmp_path / n) for n in names), "-o", str(out), "--model", str(model_dir)]) == 1
+    done = {Path(row["input"]).name: row for row in json.loads((out / "transcriptions.json").read_text())}
+    assert set(done) == {"silence.wav", "low.wav", "high24.wav", "surround.flac"}
+    assert done["low.wav"]["audio_seconds"] == pytest.approx(1.0, abs=0.05)
+    assert done["high24.wav"]["audio_seconds"] == pytest.approx(1.0, abs=0.05)
+    reasons = {Path(row["path"]).name: row["reason"] for row in map(json.loads, (out / "rejected.jsonl").read_text().splitlines())}
+    assert "NaN" in reasons["nan.wav"] and "no samples" in reasons["empty.wav"]
+
+
+@needs_fluidsynth
+def test_decoding_thresholds_are_tuned_on_validation_and_saved(audio_data):
+    from musefm.data.audio_dataset import open_audio_dataset
+    from musefm.recipes.train_transcriber import tune_split
+    from musefm.transcription.transcribe import DECODE_FILE
+
+    model_dir = audio_data / "tuned"
+    tiny_model().save_pretrained(model_dir)
+    chosen = tune_split(model_dir, open_audio_dataset(audio_data / "data"), "valid")
+    saved = json.loads((model_dir / DECODE_FILE).read_text())
+    assert saved["onset_threshold"] == chosen["onset_threshold"] and 0.0 <= chosen["note_f1"] <= 1.0
+    assert load_transcriber(model_dir).decode_config.onset_threshold == chosen["onset_threshold"]

@@ -35,7 +35,8 @@ class TranscriberTrainConfig:
     augment: AudioAugmentConfig = field(default_factory=AudioAugmentConfig)
     use_augment: bool = True
     final_split: str = "valid"  # transcribed and scored with mir_eval after training ("" = skip)
-    final_limit: int = 0  # at most this many files in the final scoring (0: all)
+    final_limit: int = 0  # at most this many files in the final tuning and scoring (0: all)
+    tune_decoding: bool = True  # choose onset/frame thresholds on the validation split (decode.json)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=6e-4, weight_decay=0.0, warmup_steps=200,
                                                                    batch_size=8, max_steps=5000, eval_every=500,
                                                                    save_every=500, eval_batches=20, loader_threads=2))
@@ -96,14 +97,33 @@ def main(config: TranscriberTrainConfig, resume: bool = False, overwrite: bool =
         if checkpoint is not None:
             trainer.resume(checkpoint)
         summary = trainer.fit()
+        best = out / "best" if (out / "best").exists() else ckpt.latest_checkpoint(out)
+        if context.is_main and config.tune_decoding and dataset.split("valid"):
+            summary["decode"] = tune_split(best, dataset, "valid", limit=config.final_limit, stream=stream)
         if context.is_main and config.final_split and dataset.split(config.final_split):
-            best = out / "best" if (out / "best").exists() else ckpt.latest_checkpoint(out)
             summary["final"] = score_split(best, dataset, config.final_split, out / f"eval-{config.final_split}",
                                            limit=config.final_limit, stream=stream)
             (out / "eval.json").write_text(json.dumps(summary["final"], indent=2))
     finally:
         shutdown(context)
     return summary
+
+
+def tune_split(model_dir: Path, dataset, split: str, limit: int = 0, stream=None) -> dict:
+    """Choose the decoding thresholds on ``split`` and save them beside the model (decode.json)."""
+    from dataclasses import asdict
+
+    from musefm.transcription.postprocess import read_notes_csv
+    from musefm.transcription.transcribe import load_transcriber, tune_decoding, write_decode_config
+
+    rows = dataset.split(split)[: limit or None]
+    examples = [(dataset.path(row["audio"]), read_notes_csv(dataset.path(row["notes"]))) for row in rows]
+    decode, scores = tune_decoding(load_transcriber(model_dir), examples)
+    write_decode_config(model_dir, decode)
+    if stream is not None:
+        print(f"decoding thresholds chosen on {split} ({len(rows)} files): onset {decode.onset_threshold}, "
+              f"frame {decode.frame_threshold} (note F1 {scores['note_f1']:.3f})", file=stream)
+    return asdict(decode) | scores
 
 
 def score_split(model_dir: Path, dataset, split: str, out: Path, limit: int = 0, stream=None) -> dict:

@@ -24,6 +24,8 @@ import torch
 from musefm.errors import BadInputError, MusefmError
 
 SHIPPED_MODEL = Path(__file__).parent / "models" / "piano-small"
+# Decoding thresholds chosen on the validation split, saved beside a model's weights.
+DECODE_FILE = "decode.json"
 
 
 def load_transcriber(path: str | Path | None = None, device: str = "cpu"):
@@ -37,7 +39,55 @@ def load_transcriber(path: str | Path | None = None, device: str = "cpu"):
         directory = directory / "best"  # a training run: its best model
     model = Transcriber.from_pretrained(directory, map_location=device)
     model.eval()
+    model.decode_config = read_decode_config(directory)
     return model
+
+
+def read_decode_config(directory: Path):
+    """The thresholds saved with a model (``decode.json``), else the Onsets-and-Frames defaults."""
+    from musefm.transcription.postprocess import DecodeConfig
+
+    path = Path(directory) / DECODE_FILE
+    if not path.is_file():
+        return DecodeConfig()
+    try:
+        return DecodeConfig(**json.loads(path.read_text()))
+    except (ValueError, TypeError) as error:
+        raise MusefmError(f"{path}: not a valid decoding config ({error})") from None
+
+
+def write_decode_config(directory: Path, decode) -> None:
+    from dataclasses import asdict
+
+    from musefm.atomic import write_text_atomic
+
+    write_text_atomic(Path(directory) / DECODE_FILE, json.dumps(asdict(decode), indent=2))
+
+
+def tune_decoding(model, examples: list[tuple[Path, np.ndarray]], onset_grid=(0.3, 0.4, 0.5, 0.6),
+                  frame_grid=(0.3, 0.4, 0.5)):
+    """Onset/frame thresholds with the best mean note F1 (ties: onset+offset F1) on ``examples``
+    (audio path, reference notes): run on the validation split, never on the test split."""
+    from musefm.audio.features import log_mel_for_file
+    from musefm.evaluation.transcription import score_notes
+    from musefm.transcription.postprocess import DecodeConfig, activations_to_notes
+
+    heads = []
+    for path, reference in examples:
+        mel = log_mel_for_file(path, model.config.mel_config())
+        with torch.inference_mode():
+            heads.append((model.activations(torch.from_numpy(mel)), reference))
+    best, best_key = DecodeConfig(), (-1.0, -1.0)
+    for onset_threshold in onset_grid:
+        for frame_threshold in frame_grid:
+            decode = DecodeConfig(onset_threshold=onset_threshold, frame_threshold=frame_threshold)
+            scores = [score_notes(reference, activations_to_notes(h["onset"], h["frame"], model.config.frame_rate,
+                                                                  velocity=h["velocity"], config=decode))
+                      for h, reference in heads]
+            key = (float(np.mean([s["note_f1"] for s in scores])), float(np.mean([s["note_offset_f1"] for s in scores])))
+            if key > best_key:
+                best, best_key = decode, key
+    return best, {"note_f1": best_key[0], "note_offset_f1": best_key[1]}
 
 
 @dataclass
@@ -57,6 +107,7 @@ def transcribe_file(model, path: Path, decode=None, chunk_seconds: float = 60.0)
     mel = log_mel_for_file(path, config.mel_config(), chunk_seconds=chunk_seconds)  # (T, n_mels), streamed
     with torch.inference_mode():
         heads = model.activations(torch.from_numpy(mel))
+    decode = decode or getattr(model, "decode_config", None)
     notes = activations_to_notes(heads["onset"], heads["frame"], config.frame_rate, velocity=heads["velocity"],
                                  config=decode)
     audio_seconds = (len(mel) - 1) * config.hop_length / config.sample_rate

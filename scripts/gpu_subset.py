@@ -1,0 +1,51 @@
+"""The subset of the piano dataset that trained the shipped transcriber on a lent GPU machine.
+
+A device run can carry at most 64 MiB of files, so the recipe's dataset (19 h of FLAC) was cut to
+~50 MB: pieces of the training split in a seeded random order, one soundfont each (alternating
+timgm6mb / fluidr3), re-encoded as OGG Vorbis, plus 8 validation examples. Usage:
+
+    python scripts/gpu_subset.py data/piano-audio .gpudata/piano-ogg
+"""
+import json
+import random
+import shutil
+import sys
+from pathlib import Path
+
+import soundfile as sf
+
+from musefm.audio.io import load_audio
+
+src, dst = Path(sys.argv[1]), Path(sys.argv[2])
+if dst.exists():
+    shutil.rmtree(dst)
+(dst / "audio").mkdir(parents=True)
+(dst / "notes").mkdir()
+rows = [json.loads(l) for l in (src / "manifest.jsonl").read_text().splitlines()]
+rng = random.Random(0)
+train = [r for r in rows if r["split"] == "train"]
+pieces = sorted({r["piece"] for r in train}); rng.shuffle(pieces)
+budget, used, out = 50e6, 0, []
+for number, piece in enumerate(pieces):
+    font = ("timgm6mb", "fluidr3")[number % 2]
+    row = next(r for r in train if r["piece"] == piece and r["soundfont"] == font)
+    audio, sr = load_audio(src / row["audio"])
+    stem = Path(row["audio"]).stem
+    sf.write(dst / "audio" / f"{stem}.ogg", audio, sr, format="OGG", subtype="VORBIS")
+    size = (dst / "audio" / f"{stem}.ogg").stat().st_size
+    shutil.copy(src / row["notes"], dst / "notes" / Path(row["notes"]).name)
+    out.append(dict(row, audio=f"audio/{stem}.ogg"))
+    used += size
+    if used > budget:
+        break
+valid = [r for r in rows if r["split"] == "valid" and r["soundfont"] == "fluidr3"][:8]
+for row in valid:
+    audio, sr = load_audio(src / row["audio"])
+    stem = Path(row["audio"]).stem
+    sf.write(dst / "audio" / f"{stem}.ogg", audio, sr, format="OGG", subtype="VORBIS")
+    shutil.copy(src / row["notes"], dst / "notes" / Path(row["notes"]).name)
+    out.append(dict(row, audio=f"audio/{stem}.ogg"))
+(dst / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in out))
+(dst / "dataset.json").write_text((src / "dataset.json").read_text())
+hours = sum(r["seconds"] for r in out if r["split"] == "train") / 3600
+print(len(out), "rows", round(hours, 2), "h train", round(used / 1e6, 1), "MB")
