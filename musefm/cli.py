@@ -120,6 +120,8 @@ def _generate(args) -> int:
 def _evaluate(args) -> int:
     if args.kind == "transcription":
         return _evaluate_transcription(args)
+    if args.kind == "audio":
+        return _evaluate_audio(args)
     if not (args.generated and args.reference and args.out):
         raise MusefmError("evaluate needs --generated, --reference and --out (or: musefm evaluate transcription --pred --ref)")
     from musefm.recipes.evaluate import EvaluateConfig, main as evaluate
@@ -147,6 +149,20 @@ def _evaluate_transcription(args) -> int:
     else:
         print(report.to_markdown())
         print(f"report written to {out / 'report.md'}")
+    return 0
+
+
+def _evaluate_audio(args) -> int:
+    from musefm.evaluation.audio import evaluate_audio_sets
+
+    if not (args.generated and args.reference and args.out):
+        raise MusefmError("evaluate audio needs --generated DIR, --reference DIR and --out DIR")
+    result = evaluate_audio_sets(Path(args.generated), Path(args.reference), embedding=args.embedding, out=Path(args.out))
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        print(result.to_markdown())
+        print(f"report written to {Path(args.out) / 'audio_report.md'}")
     return 0
 
 
@@ -310,8 +326,11 @@ def build_parser() -> argparse.ArgumentParser:
     generate.set_defaults(func=_generate)
 
     evaluate = commands.add_parser("evaluate", help="metrics of generated music, or of transcriptions (evaluate transcription)")
-    evaluate.add_argument("kind", nargs="?", choices=["music", "transcription"], default="music",
-                          help="music (default): generated vs reference pieces; transcription: --pred vs --ref notes")
+    evaluate.add_argument("kind", nargs="?", choices=["music", "transcription", "audio"], default="music",
+                          help="music (default): generated vs reference pieces; transcription: --pred vs --ref notes; "
+                               "audio: FAD of --generated vs --reference audio")
+    evaluate.add_argument("--embedding", choices=["logmel", "transcriber"], default="logmel",
+                          help="audio: the embedding FAD is computed in")
     evaluate.add_argument("--generated", help="folder or source spec of generated pieces")
     evaluate.add_argument("--reference", help="source spec (music21:bach, dir:...) or folder")
     evaluate.add_argument("--pred", help="transcription: folder of transcribed .mid/.csv files")

@@ -186,3 +186,18 @@ def test_transcriber_embedding_gives_conv_features(one_thread):
     frames = embedding.embed(audio)
     assert frames.shape == (2, 16) and np.isfinite(frames).all()
     assert embedding.embed(audio[:4000]).shape == (1, 16) and embedding.name == "transcriber-conv-16"
+
+
+def test_evaluate_audio_cli_reports_fad(tmp_path, capsys):
+    from musefm.cli import main as cli
+
+    rng = np.random.default_rng(0)
+    seconds = np.arange(16000 * 40) / 16000
+    for number in range(3):  # 3 x 40 s: 240 frames per set, more than the 128 dimensions
+        save_audio(tmp_path / "ref" / f"{number}.wav", (0.3 * np.sin(2 * np.pi * (220 + 55 * number) * seconds)).astype(np.float32), 16000)
+        save_audio(tmp_path / "gen" / f"{number}.wav", (0.1 * rng.standard_normal(len(seconds))).astype(np.float32), 16000)
+    assert cli(["evaluate", "audio", "--generated", str(tmp_path / "gen"), "--reference", str(tmp_path / "ref"),
+                "--out", str(tmp_path / "out"), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["fad"] > 10 and result["files"]["generated"] == 3
+    assert (tmp_path / "out" / "audio_report.md").is_file()
