@@ -194,3 +194,16 @@ def test_number_formatting_handles_missing_values():
     assert report.format_number(3) == "3"
     assert report.format_number(0.123456) == "0.123"
     assert report.format_number(True) == "yes"
+
+
+def test_grammar_error_rate_from_generate_records(tmp_path):
+    from musefm.recipes.evaluate import grammar_error_rate
+
+    assert grammar_error_rate(tmp_path) is None  # no records: nothing to report
+    records = [{"token_ids": list(range(10)), "grammar_errors": 0}, {"token_ids": list(range(30)), "grammar_errors": 3},
+               {"settings": {}}]  # the last is not a sample record
+    for number, record in enumerate(records):
+        (tmp_path / f"sample_{number}.json").write_text(json.dumps(record))
+    (tmp_path / "broken.json").write_text("{not json")
+    rate = grammar_error_rate(tmp_path)
+    assert rate == {"samples": 2, "tokens": 40, "errors": 3, "error_rate": 3 / 40, "samples_with_errors": 1}

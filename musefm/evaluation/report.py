@@ -42,7 +42,16 @@ def summary_line(results: dict) -> str:
     memorization = results.get("memorization")
     if memorization is not None:
         text += f"; {len(memorization['flagged'])} of {len(memorization['pieces'])} generated pieces flagged as copied"
+    grammar = results.get("grammar")
+    if grammar is not None:
+        text += f"; token grammar error rate {format_number(grammar['error_rate'])}"
     return text
+
+
+def _grammar_note(grammar: dict) -> str:
+    return (f"{grammar['samples']} samples written by `musefm generate`: {grammar['errors']} grammar errors in "
+            f"{grammar['tokens']:,} generated tokens (rate {format_number(grammar['error_rate'])}, MidiTok's check); "
+            f"{grammar['samples_with_errors']} samples have any.")
 
 
 def _metric_rows(results: dict) -> tuple[list[str], list[list[str]]]:
@@ -126,6 +135,9 @@ def _document(results: dict) -> list[tuple]:
         blocks.append(("paragraph", "Not checked (no training dataset given)."))
     else:
         blocks += [("paragraph", _memorization_note(memorization)), ("table", *_memorization_rows(memorization))]
+    grammar = results.get("grammar")
+    if grammar is not None:
+        blocks += [("heading", 2, "Token grammar"), ("paragraph", _grammar_note(grammar))]
     blocks += [("heading", 2, "Settings"), ("table", *_settings_rows(results))]
     return blocks
 

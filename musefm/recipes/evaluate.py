@@ -246,6 +246,30 @@ def _write_rejections(path: Path, rejections: list[dict]) -> None:
     path.write_text("".join(json.dumps(rejection) + "\n" for rejection in rejections))
 
 
+def grammar_error_rate(folder: Path) -> dict | None:
+    """Token grammar errors of the samples that ``musefm generate`` wrote into ``folder`` (one JSON
+    per sample with its token ids and MidiTok's error count): errors / generated tokens, and how many
+    samples have any. None when the folder holds no such records (e.g. MIDI from elsewhere)."""
+    if not folder.is_dir():
+        return None
+    samples = tokens = errors = flawed = 0
+    for path in sorted(folder.glob("*.json")):
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(record, dict) or record.get("grammar_errors") is None or "token_ids" not in record:
+            continue
+        samples += 1
+        tokens += len(record["token_ids"])
+        errors += int(record["grammar_errors"])
+        flawed += int(record["grammar_errors"] > 0)
+    if not samples:
+        return None
+    return {"samples": samples, "tokens": tokens, "errors": errors, "error_rate": errors / tokens if tokens else 0.0,
+            "samples_with_errors": flawed}
+
+
 def main(config: EvaluateConfig) -> dict:
     """Run the evaluation; writes out/report.md, out/report.html, out/results.json, out/*.png and
     out/rejected.jsonl, and returns the results (as in results.json)."""
@@ -277,6 +301,8 @@ def main(config: EvaluateConfig) -> dict:
         metrics[name] = {**values, "histogram": picture if drawn else None}
     overview = "oa_overview.png" if overview_picture(metrics, out / "oa_overview.png") else None
 
+    grammar = grammar_error_rate(Path(config.generated))
+
     memorization = None
     if config.train:
         index, index_info = training_index(config.train, config.ngram_length)
@@ -300,6 +326,7 @@ def main(config: EvaluateConfig) -> dict:
             for piece_id, path, values in zip(generated.ids, generated.paths, generated_metrics)
         ],
         "memorization": memorization,
+        "grammar": grammar,
         "pictures": {"overview": overview},
         "files": {"results": RESULTS_FILE, "markdown": MARKDOWN_FILE, "html": HTML_FILE, "rejected": REJECTED_FILE},
     })
