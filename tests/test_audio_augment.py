@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 from scipy import signal as scipy_signal
 
+from musefm.config import from_dict, to_dict
 from musefm.audio.augment import (
     AudioAugmentConfig, _biquad, _phase_vocoder, add_noise, add_reverb, apply_gain, augment, pitch_shift, random_eq,
     time_stretch,
@@ -131,7 +132,7 @@ def test_augment_is_seeded_and_identity_when_off():
 
 
 def test_augment_config_validation_and_round_trip():
-    assert AudioAugmentConfig.from_dict(ALWAYS.to_dict()) == ALWAYS
+    assert from_dict(AudioAugmentConfig, to_dict(ALWAYS)) == ALWAYS
     assert AudioAugmentConfig(gain_db=[-3, 3]).gain_db == (-3, 3)  # YAML lists become tuples
     with pytest.raises(MusefmError, match="noise_probability"):
         AudioAugmentConfig(noise_probability=1.5)

@@ -215,16 +215,6 @@ class AudioAugmentConfig:
         if self.reverb_rt60_seconds[0] <= 0 or not 0 <= self.reverb_wet[0] <= self.reverb_wet[1] <= 1:
             raise MusefmError("AudioAugmentConfig.reverb_rt60_seconds must be positive and reverb_wet within [0, 1]")
 
-    def to_dict(self) -> dict:
-        return {key: list(value) if isinstance(value, tuple) else value for key, value in dataclasses.asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "AudioAugmentConfig":
-        known = {field.name for field in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise MusefmError(f"AudioAugmentConfig has no key {unknown[0]!r}")
-        return cls(**values)
 
 
 def augment(audio: np.ndarray, sample_rate: int, notes: np.ndarray, config: AudioAugmentConfig,

@@ -51,16 +51,6 @@ class MelConfig:
         if self.log_floor <= 0:
             raise MusefmError(f"MelConfig.log_floor must be positive, got {self.log_floor}")
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "MelConfig":
-        known = {field.name for field in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise MusefmError(f"MelConfig has no key {unknown[0]!r} (known: {', '.join(sorted(known))})")
-        return cls(**values)
 
 
 def hz_to_mel(hz):
@@ -187,7 +177,7 @@ class FeatureCache:
         self.root = Path(root)
 
     def key(self, audio_path, config, compute_fn: Callable) -> str:
-        settings = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+        settings = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
         identity = {"content": file_sha256(audio_path), "config": settings, "version": FEATURE_VERSION,
                     "feature": f"{compute_fn.__module__}.{compute_fn.__qualname__}"}
         return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()

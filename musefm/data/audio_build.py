@@ -29,7 +29,6 @@ import json
 import multiprocessing
 import os
 import re
-import shutil
 import sys
 import tempfile
 import time
@@ -40,7 +39,7 @@ import numpy as np
 
 from musefm.atomic import write_text_atomic
 from musefm.data import corpus
-from musefm.data.build import SPLITS, note_fingerprint, read_jsonl, split_of
+from musefm.data.build import SPLITS, note_fingerprint, prepare_output, read_jsonl, split_of
 from musefm.data.convert import default_cache_dir
 from musefm.errors import BadInputError, MusefmError
 from musefm.progress import Progress
@@ -250,19 +249,6 @@ class AudioBuildSummary:
                 f"(see rejected.jsonl) in {self.seconds:.1f}s{resumed}")
 
 
-def _prepare(out: Path, config: AudioBuildConfig, overwrite: bool) -> None:
-    info_path = out / "dataset.json"
-    if out.exists() and overwrite:
-        shutil.rmtree(out)
-    if out.exists() and any(out.iterdir()):
-        if not info_path.exists():
-            raise MusefmError(f"{out}: exists, is not empty and holds no musefm dataset (use --overwrite to replace it)")
-        info = json.loads(info_path.read_text())
-        if info.get("identity") != config.identity():
-            raise MusefmError(f"{out}: holds a dataset built with other settings (use --overwrite to rebuild)")
-    out.mkdir(parents=True, exist_ok=True)
-
-
 def build_audio_dataset(config: AudioBuildConfig, overwrite: bool = False, stream=None) -> AudioBuildSummary:
     """Build (or resume) a paired audio dataset; returns what was made and rejected."""
     config.validate()
@@ -275,7 +261,7 @@ def build_audio_dataset(config: AudioBuildConfig, overwrite: bool = False, strea
         items += listed[: config.limit] if config.limit else listed
     if not items:
         raise MusefmError(f"no music files found in {', '.join(config.sources)}")
-    _prepare(out, config, overwrite)
+    prepare_output(out, config.identity(), overwrite)
     progress_path = out / "progress.jsonl"
     done = {row["item"] for row in read_jsonl(progress_path)} if progress_path.exists() else set()
     pending = [item for item in items if item.key not in done]

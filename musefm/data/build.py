@@ -250,7 +250,9 @@ def split_of(fingerprint: str, valid_fraction: float, test_fraction: float) -> s
     return "train"
 
 
-def _prepare_output(out: Path, config: BuildConfig, overwrite: bool) -> None:
+def prepare_output(out: Path, identity: dict, overwrite: bool) -> None:
+    """An output directory for a dataset build: new, ``overwrite``-n, or holding a build with the
+    same settings (to resume); anything else is refused before any work."""
     info_path = out / "dataset.json"
     if out.exists() and overwrite:
         shutil.rmtree(out)
@@ -258,9 +260,9 @@ def _prepare_output(out: Path, config: BuildConfig, overwrite: bool) -> None:
         if not info_path.exists():
             raise MusefmError(f"{out}: exists, is not empty and holds no musefm dataset (use --overwrite to replace it)")
         info = json.loads(info_path.read_text())
-        if info.get("identity") != config.identity():
+        if info.get("identity") != identity:
             raise MusefmError(f"{out}: holds a dataset built with other settings (use --overwrite to rebuild)")
-    (out / "shards").mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
 
 
 def _select_items(config: BuildConfig) -> list[corpus.SourceItem]:
@@ -285,7 +287,8 @@ def build_dataset(config: BuildConfig, overwrite: bool = False, stream=None) -> 
     started = time.monotonic()
     out = Path(config.out)
     items = _select_items(config)  # bad source specs fail here, before any file is touched
-    _prepare_output(out, config, overwrite)
+    prepare_output(out, config.identity(), overwrite)
+    (out / "shards").mkdir(exist_ok=True)
     shard_dir = out / "shards"
 
     base_tokenizer_path = out / "tokenizer.base.json"

@@ -25,6 +25,7 @@ NaN files are skipped and listed in ``rejected``; silent audio is valid and coun
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import warnings
@@ -107,7 +108,7 @@ class LogMelStatsEmbedding(WindowedEmbedding):
             return torch.cat([mel.mean(dim=1), mel.std(dim=1, unbiased=False)], dim=-1).numpy()  # (W, 2 * n_mels)
 
     def settings(self) -> dict:
-        return {**super().settings(), "mel": self.mel_config.to_dict()}
+        return {**super().settings(), "mel": dataclasses.asdict(self.mel_config)}
 
 
 class TranscriberEmbedding(WindowedEmbedding):

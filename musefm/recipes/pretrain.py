@@ -92,6 +92,18 @@ def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> dict | None:
     return None
 
 
+def open_run(config, resume: bool, overwrite: bool):
+    """The run's config and directory: ``--resume`` takes the config saved in run.json (the
+    command line's is ignored), a new run checks the directory is free (or ``--overwrite``)."""
+    if not config.out:
+        raise MusefmError("no run directory given (--out DIR)")
+    out = Path(config.out)
+    saved = prepare_run_dir(out, resume, overwrite)
+    if saved is not None:
+        config = from_dict(type(config), saved["config"])
+    return config, out
+
+
 def main(config: PretrainConfig, resume: bool = False, overwrite: bool = False, stream=None) -> dict:
     """Train; returns the trainer's summary (rank 0 prints where everything is)."""
     from musefm.data.dataset import TokenDataset, open_dataset
@@ -102,12 +114,7 @@ def main(config: PretrainConfig, resume: bool = False, overwrite: bool = False, 
     from musefm.training.trainer import Trainer
 
     stream = stream or sys.stderr
-    if not config.out:
-        raise MusefmError("no run directory given (--out DIR)")
-    out = Path(config.out)
-    saved = prepare_run_dir(out, resume, overwrite)
-    if saved is not None:
-        config = from_dict(PretrainConfig, saved["config"])
+    config, out = open_run(config, resume, overwrite)
     if not config.data:
         raise MusefmError("no dataset given (--data DIR, built with musefm data build)")
     dataset = open_dataset(config.data)

@@ -21,7 +21,7 @@ from pathlib import Path
 from musefm.audio.augment import AudioAugmentConfig
 from musefm.config import from_dict, to_dict
 from musefm.errors import MusefmError
-from musefm.recipes.pretrain import CONFIG_DIR, prepare_run_dir
+from musefm.recipes.pretrain import CONFIG_DIR, open_run
 from musefm.training.trainer import TrainConfig
 
 
@@ -58,12 +58,7 @@ def main(config: TranscriberTrainConfig, resume: bool = False, overwrite: bool =
     from musefm.training.trainer import Trainer
 
     stream = stream or sys.stderr
-    if not config.out:
-        raise MusefmError("no run directory given (--out DIR)")
-    out = Path(config.out)
-    saved = prepare_run_dir(out, resume, overwrite)
-    if saved is not None:
-        config = from_dict(TranscriberTrainConfig, saved["config"])
+    config, out = open_run(config, resume, overwrite)
     config.validate()
     if not config.data:
         raise MusefmError("no dataset given (--data DIR, built with musefm data build --render)")
