@@ -156,20 +156,23 @@ def main(config: PretrainConfig, resume: bool = False, overwrite: bool = False, 
     return summary
 
 
-def load_config(path: str | None, model: str | None, overrides: dict, extra: list[str]) -> PretrainConfig:
-    """Build the config: shipped or user YAML (``--config``), then CLI flags, then key=value pairs."""
+def load_recipe_config(config_class, path: str | None, flags: dict, extra: list[str]):
+    """A recipe's config: a shipped (by name) or user YAML file (``--config``), then the command's
+    flags (None = not given), then ``key=value`` overrides."""
     from musefm.config import apply_overrides, load_yaml
 
     if path:
         candidate = Path(path)
         if not candidate.exists() and (CONFIG_DIR / f"{path}.yaml").exists():
             candidate = CONFIG_DIR / f"{path}.yaml"
-        config = load_yaml(PretrainConfig, candidate)
+        config = load_yaml(config_class, candidate)
     else:
-        config = PretrainConfig()
+        config = config_class()
     data = to_dict(config)
-    if model:
-        data["model"] = model
-    data.update({key: value for key, value in overrides.items() if value is not None})
-    config = from_dict(PretrainConfig, data)
-    return apply_overrides(config, extra)
+    data.update({key: value for key, value in flags.items() if value is not None})
+    return apply_overrides(from_dict(config_class, data), extra)
+
+
+def load_config(path: str | None, model: str | None, overrides: dict, extra: list[str]) -> PretrainConfig:
+    """Build the config: shipped or user YAML (``--config``), then CLI flags, then key=value pairs."""
+    return load_recipe_config(PretrainConfig, path, {**overrides, "model": model}, extra)

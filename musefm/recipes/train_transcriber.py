@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from musefm.audio.augment import AudioAugmentConfig
-from musefm.config import from_dict, to_dict
+from musefm.config import to_dict
 from musefm.errors import MusefmError
-from musefm.recipes.pretrain import CONFIG_DIR, open_run
+from musefm.recipes.pretrain import load_recipe_config, open_run
 from musefm.training.trainer import TrainConfig
 
 
@@ -146,15 +146,4 @@ def score_split(model_dir: Path, dataset, split: str, out: Path, limit: int = 0,
 
 def load_config(path: str | None, overrides: dict, extra: list[str]) -> TranscriberTrainConfig:
     """Shipped or user YAML (``--config``), then CLI flags, then key=value pairs."""
-    from musefm.config import apply_overrides, load_yaml
-
-    if path:
-        candidate = Path(path)
-        if not candidate.exists() and (CONFIG_DIR / f"{path}.yaml").exists():
-            candidate = CONFIG_DIR / f"{path}.yaml"
-        config = load_yaml(TranscriberTrainConfig, candidate)
-    else:
-        config = TranscriberTrainConfig()
-    data = to_dict(config)
-    data.update({key: value for key, value in overrides.items() if value is not None})
-    return apply_overrides(from_dict(TranscriberTrainConfig, data), extra)
+    return load_recipe_config(TranscriberTrainConfig, path, overrides, extra)
