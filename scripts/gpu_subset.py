@@ -4,7 +4,10 @@ A device run can carry at most 64 MiB of files, so the recipe's dataset (19 h of
 ~50 MB: pieces of the training split in a seeded random order, one soundfont each (alternating
 timgm6mb / fluidr3), re-encoded as OGG Vorbis, plus 8 validation examples. Usage:
 
-    python scripts/gpu_subset.py data/piano-audio .gpudata/piano-ogg
+    python scripts/gpu_subset.py data/piano-audio .gpudata/piano-ogg [SEED]
+
+The shipped model was trained on SEED 0's subset, then fine-tuned on SEED 1's (another draw of
+pieces, the other soundfont first).
 """
 import json
 import random
@@ -17,17 +20,18 @@ import soundfile as sf
 from musefm.audio.io import load_audio
 
 src, dst = Path(sys.argv[1]), Path(sys.argv[2])
+seed = int(sys.argv[3]) if len(sys.argv) > 3 else 0
 if dst.exists():
     shutil.rmtree(dst)
 (dst / "audio").mkdir(parents=True)
 (dst / "notes").mkdir()
 rows = [json.loads(l) for l in (src / "manifest.jsonl").read_text().splitlines()]
-rng = random.Random(0)
+rng = random.Random(seed)
 train = [r for r in rows if r["split"] == "train"]
 pieces = sorted({r["piece"] for r in train}); rng.shuffle(pieces)
 budget, used, out = 50e6, 0, []
 for number, piece in enumerate(pieces):
-    font = ("timgm6mb", "fluidr3")[number % 2]
+    font = ("timgm6mb", "fluidr3")[(number + seed) % 2]
     row = next(r for r in train if r["piece"] == piece and r["soundfont"] == font)
     audio, sr = load_audio(src / row["audio"])
     stem = Path(row["audio"]).stem

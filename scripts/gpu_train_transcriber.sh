@@ -3,6 +3,9 @@
 # the device tool runs this from the repository root with .whl (wheels of the packages its image
 # lacks) and .gpudata (scripts/gpu_subset.py's output) carried; $OUT comes back.
 # A 20-step smoke run first, then the recipe (transcriber_small) with GPU settings.
+# The fine-tuning run that followed used the same command with the second subset and
+#   init_from=shipped train.max_steps=2400 train.max_minutes=4.5 train.lr=0.0004 train.warmup_steps=50
+#   tune_decoding=false 'augment.pitch_shift_semitones=[-3,5]' augment.pitch_shift_probability=0.5
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader

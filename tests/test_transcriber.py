@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -228,3 +229,21 @@ def test_decoding_thresholds_are_tuned_on_validation_and_saved(audio_data):
     saved = json.loads((model_dir / DECODE_FILE).read_text())
     assert saved["onset_threshold"] == chosen["onset_threshold"] and 0.0 <= chosen["note_f1"] <= 1.0
     assert load_transcriber(model_dir).decode_config.onset_threshold == chosen["onset_threshold"]
+
+
+@needs_fluidsynth
+def test_fine_tuning_starts_from_the_given_model(audio_data, tmp_path):
+    from musefm.recipes.train_transcriber import TranscriberTrainConfig, main
+    from musefm.training.trainer import TrainConfig
+
+    start = tmp_path / "start"
+    tiny_model(seed=5).save_pretrained(start)
+    config = TranscriberTrainConfig(init_from=str(start), data=str(audio_data / "data"), out=str(tmp_path / "run"),
+                                    segment_seconds=1.0, use_augment=False, final_split="", tune_decoding=False,
+                                    train=TrainConfig(max_steps=1, batch_size=2, lr=1e-12, warmup_steps=0,
+                                                      eval_every=1, save_every=1))
+    main(config, stream=open(os.devnull, "w"))
+    before, after = load_transcriber(start), load_transcriber(tmp_path / "run" / "checkpoints" / "step-00000001")
+    for (name, a), b in zip(before.state_dict().items(), after.state_dict().values()):
+        if a.is_floating_point() and "running" not in name:  # batch-norm statistics move in train mode
+            assert torch.allclose(a, b, atol=1e-6), name

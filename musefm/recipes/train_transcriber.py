@@ -29,6 +29,7 @@ from musefm.training.trainer import TrainConfig
 class TranscriberTrainConfig:
     preset: str = "small"
     model_settings: dict = field(default_factory=dict)  # overrides of TranscriberConfig fields
+    init_from: str = ""  # start from this model's weights and config (fine-tuning; e.g. "shipped")
     data: str = ""
     out: str = ""
     segment_seconds: float = 5.0
@@ -44,6 +45,8 @@ class TranscriberTrainConfig:
     def validate(self) -> None:
         if self.segment_seconds <= 0.5:
             raise MusefmError(f"segment_seconds: must exceed 0.5, got {self.segment_seconds}")
+        if self.init_from and self.model_settings:
+            raise MusefmError("init_from: the model keeps its own config; drop model_settings")
         if self.final_split not in ("", "train", "valid", "test"):
             raise MusefmError(f"final_split: must be train, valid, test or empty, got {self.final_split!r}")
         self.train.validate()
@@ -56,6 +59,7 @@ def main(config: TranscriberTrainConfig, resume: bool = False, overwrite: bool =
     from musefm.training.distributed import init_distributed, shutdown
     from musefm.training.seed import seed_everything
     from musefm.training.trainer import Trainer
+    from musefm.transcription.transcribe import load_transcriber
 
     stream = stream or sys.stderr
     config, out = open_run(config, resume, overwrite)
@@ -65,7 +69,11 @@ def main(config: TranscriberTrainConfig, resume: bool = False, overwrite: bool =
     dataset = open_audio_dataset(config.data)
     if not dataset.split("train"):
         raise MusefmError(f"{config.data}: the dataset has no training examples")
-    model_config = config_from_preset(config.preset, **config.model_settings)
+    if config.init_from:  # fine-tuning: the starting model's own config (its weights are loaded below)
+        start = load_transcriber(None if config.init_from == "shipped" else config.init_from)
+        model_config = start.config
+    else:
+        model_config = config_from_preset(config.preset, **config.model_settings)
     checkpoint = ckpt.latest_checkpoint(out) if resume else None
 
     context = init_distributed(config.train.device)
@@ -74,6 +82,8 @@ def main(config: TranscriberTrainConfig, resume: bool = False, overwrite: bool =
             shutil.rmtree(out)
         seed_everything(config.train.seed)
         model = Transcriber(model_config)
+        if config.init_from:
+            model.load_state_dict(start.state_dict())
         window = dict(segment_seconds=config.segment_seconds, sample_rate=model_config.sample_rate,
                       hop_length=model_config.hop_length)
         train_data = TranscriptionWindows(dataset, "train", augment=config.augment if config.use_augment else None,
