@@ -4,10 +4,11 @@ A device run can carry at most 64 MiB of files, so the recipe's dataset (19 h of
 ~50 MB: pieces of the training split in a seeded random order, one soundfont each (alternating
 timgm6mb / fluidr3), re-encoded as OGG Vorbis, plus 8 validation examples. Usage:
 
-    python scripts/gpu_subset.py data/piano-audio .gpudata/piano-ogg [SEED]
+    python scripts/gpu_subset.py data/piano-audio .gpudata/piano-ogg [SEED [MAX_MB]]
 
 The shipped model was trained on SEED 0's subset, then fine-tuned on SEED 1's (another draw of
-pieces, the other soundfont first).
+pieces, the other soundfont first) with MAX_MB 43: the last pieces are dropped until the folder's
+audio (train + valid) is at most that size, so the tree still fits a device transfer.
 """
 import json
 import random
@@ -21,6 +22,7 @@ from musefm.audio.io import load_audio
 
 src, dst = Path(sys.argv[1]), Path(sys.argv[2])
 seed = int(sys.argv[3]) if len(sys.argv) > 3 else 0
+max_bytes = float(sys.argv[4]) * 1e6 if len(sys.argv) > 4 else float("inf")
 if dst.exists():
     shutil.rmtree(dst)
 (dst / "audio").mkdir(parents=True)
@@ -28,7 +30,8 @@ if dst.exists():
 rows = [json.loads(l) for l in (src / "manifest.jsonl").read_text().splitlines()]
 rng = random.Random(seed)
 train = [r for r in rows if r["split"] == "train"]
-pieces = sorted({r["piece"] for r in train}); rng.shuffle(pieces)
+pieces = sorted({r["piece"] for r in train})
+rng.shuffle(pieces)
 budget, used, out = 50e6, 0, []
 for number, piece in enumerate(pieces):
     font = ("timgm6mb", "fluidr3")[(number + seed) % 2]
@@ -49,6 +52,15 @@ for row in valid:
     sf.write(dst / "audio" / f"{stem}.ogg", audio, sr, format="OGG", subtype="VORBIS")
     shutil.copy(src / row["notes"], dst / "notes" / Path(row["notes"]).name)
     out.append(dict(row, audio=f"audio/{stem}.ogg"))
+kept_train = [r for r in out if r["split"] == "train"]
+kept_valid = [r for r in out if r["split"] != "train"]
+total = sum((dst / r["audio"]).stat().st_size for r in out)
+while total > max_bytes:
+    dropped = kept_train.pop()
+    total -= (dst / dropped["audio"]).stat().st_size
+    (dst / dropped["audio"]).unlink()
+    (dst / "notes" / Path(dropped["notes"]).name).unlink()
+out = kept_train + kept_valid
 (dst / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in out))
 (dst / "dataset.json").write_text((src / "dataset.json").read_text())
 hours = sum(r["seconds"] for r in out if r["split"] == "train") / 3600
