@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -164,6 +165,28 @@ def _evaluate_audio(args) -> int:
         print(result.to_markdown())
         print(f"report written to {Path(args.out) / 'audio_report.md'}")
     return 0
+
+
+def _render(args) -> int:
+    from musefm.audio.render import RenderJob, render_batch, soundfont_path
+    from musefm.progress import Progress
+
+    if args.program is not None and not 0 <= args.program <= 127:
+        raise MusefmError(f"--program must be a General MIDI program 0..127, got {args.program}")
+    soundfont_path(args.soundfont or "timgm6mb")  # a missing soundfont fails before any work
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    jobs = [RenderJob(Path(path), out / f"{Path(path).stem}.wav", args.soundfont, args.program) for path in args.inputs]
+    stream = sys.stderr if len(jobs) > 1 else open(os.devnull, "w")
+    with Progress(len(jobs), "render", stream=stream) as bar:
+        failures = render_batch(jobs, sample_rate=args.sample_rate, workers=args.workers, progress=bar)
+    problems = [reason for reason in failures if reason]
+    if len(jobs) == 1 and problems:
+        raise MusefmError(problems[0])
+    for reason in problems:
+        print(f"musefm: skipped {reason}", file=sys.stderr)
+    print(f"{len(jobs) - len(problems)} of {len(jobs)} file(s) rendered to {out}")
+    return 1 if problems else 0
 
 
 def _train_transcriber(args) -> int:
@@ -373,6 +396,15 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--map", choices=["pca", "tsne", "none"])
     embed.add_argument("--color-by", help="manifest field colouring the map (e.g. composer)")
     embed.set_defaults(func=_embed)
+
+    render = commands.add_parser("render", help="MIDI files -> WAV with a soundfont (FluidSynth)")
+    render.add_argument("inputs", nargs="+", help="MIDI files")
+    render.add_argument("-o", "--out", required=True, help="output folder")
+    render.add_argument("--soundfont", help="timgm6mb (default), fluidr3, musescore, or a .sf2/.sf3 path")
+    render.add_argument("--program", type=int, help="play every non-drum part with this General MIDI program (0: piano)")
+    render.add_argument("--sample-rate", type=int, default=44100)
+    render.add_argument("--workers", type=int, default=0, help="parallel renders (default: one per core)")
+    render.set_defaults(func=_render)
 
     train_transcriber = commands.add_parser("train-transcriber", help="train the piano transcriber on paired audio")
     train_transcriber.add_argument("--data", help="audio dataset (musefm data build --render)")

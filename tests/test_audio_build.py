@@ -133,3 +133,20 @@ def test_maestro_pairs_keep_their_recordings_and_splits(tmp_path):
     windows = TranscriptionWindows(dataset, "train", segment_seconds=1.0, sample_rate=16000, hop_length=320)
     assert windows[0]["audio"].shape == (16000,)  # resampled from 44.1 kHz on the fly
     assert windows[0]["onset"].sum() > 0
+
+
+@needs_fluidsynth
+def test_render_command_renders_a_batch_with_a_chosen_program_and_skips_bad_files(tmp_path, capsys):
+    from musefm.audio.io import audio_info
+    from musefm.cli import main as cli
+
+    source = write_pieces(tmp_path / "midi", 2)
+    (source / "broken.mid").write_bytes(b"MThd not MIDI")
+    files = sorted(str(path) for path in source.iterdir())
+    assert cli(["render", *files, "-o", str(tmp_path / "wav"), "--program", "0", "--soundfont", "timgm6mb",
+                "--sample-rate", "16000"]) == 1
+    rendered = sorted(path.name for path in (tmp_path / "wav").glob("*.wav"))
+    assert rendered == ["piece0.wav", "piece1.wav"]
+    assert audio_info(tmp_path / "wav" / "piece0.wav").sample_rate == 16000
+    assert "broken.mid" in capsys.readouterr().err
+    assert cli(["render", files[0], "-o", str(tmp_path / "wav"), "--program", "200"]) == 2

@@ -131,6 +131,23 @@ class RenderJob:
     midi_path: Path
     wav_path: Path
     soundfont: str | Path | None = None
+    program: int | None = None  # play every non-drum track with this General MIDI program
+
+
+def with_program(midi_path: Path, program: int, folder: Path) -> Path:
+    """A copy of the MIDI file with every non-drum track on ``program`` (in ``folder``)."""
+    from symusic import Score
+
+    try:
+        score = Score(str(midi_path))
+    except Exception as error:  # symusic raises plain exceptions on broken files
+        raise BadInputError(midi_path, f"not a readable MIDI file ({error})") from None
+    for track in score.tracks:
+        if not track.is_drum:
+            track.program = program
+    copy = Path(folder) / f"{Path(midi_path).stem}.program{program}.mid"
+    score.dump_midi(str(copy))
+    return copy
 
 
 def render_batch(jobs: list[RenderJob], sample_rate: int = 22050, workers: int = 0, progress=None) -> list[str | None]:
@@ -138,8 +155,12 @@ def render_batch(jobs: list[RenderJob], sample_rate: int = 22050, workers: int =
     rendered, else the one-line reason it was not. A bad file never stops the batch."""
     def run(job: RenderJob) -> str | None:
         try:
-            render_midi(job.midi_path, job.wav_path, job.soundfont, sample_rate)
+            with tempfile.TemporaryDirectory(prefix="musefm-render-") as folder:
+                midi = with_program(job.midi_path, job.program, Path(folder)) if job.program is not None else job.midi_path
+                render_midi(midi, job.wav_path, job.soundfont, sample_rate)
             return None
+        except BadInputError as error:  # named by the user's file, not a temporary copy
+            return f"{job.midi_path}: {error.reason}"
         except MusefmError as error:
             return str(error)
 
