@@ -177,8 +177,8 @@ def _render(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     jobs = [RenderJob(Path(path), out / f"{Path(path).stem}.wav", args.soundfont, args.program) for path in args.inputs]
-    stream = sys.stderr if len(jobs) > 1 else open(os.devnull, "w")
-    with Progress(len(jobs), "render", stream=stream) as bar:
+    with open(os.devnull, "w") as devnull, Progress(len(jobs), "render",
+                                                     stream=sys.stderr if len(jobs) > 1 else devnull) as bar:
         failures = render_batch(jobs, sample_rate=args.sample_rate, workers=args.workers, progress=bar)
     problems = [reason for reason in failures if reason]
     if len(jobs) == 1 and problems:

@@ -177,6 +177,8 @@ def _render_example(piece_score, example_id: str, font: str, config: AudioBuildC
 
 
 def process_item(item: corpus.SourceItem) -> tuple[str, list[dict], list[dict]]:
+    from musefm.audio.render import soundfont_name
+
     config, out = _state["config"], _state["out"]
     rows, rejected = [], []
     try:
@@ -202,8 +204,6 @@ def process_item(item: corpus.SourceItem) -> tuple[str, list[dict], list[dict]]:
             if performance.note_num() == 0:
                 raise BadInputError(meta.path, "no pitched notes to render")
             for font in fonts:
-                from musefm.audio.render import soundfont_name
-
                 example_id = f"{meta.id}@{soundfont_name(font)}"
                 rows.append(dict(base, id=example_id, soundfont=soundfont_name(font),
                                  **_render_example(performance, example_id, font, config, out)))

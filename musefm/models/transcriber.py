@@ -15,7 +15,6 @@ computed in training, on a GPU, and at inference, and a saved model carries its 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -204,11 +203,3 @@ class Transcriber(PretrainedModel):
     def num_parameters(self) -> int:
         return sum(parameter.numel() for parameter in self.parameters())
 
-
-def frames_for(num_samples: int, hop_length: int) -> int:
-    """Frames the log-mel front end gives for ``num_samples`` samples (torch.stft, center=True)."""
-    return num_samples // hop_length + 1
-
-
-def seconds_to_samples(seconds: float, sample_rate: int) -> int:
-    return int(math.floor(seconds * sample_rate))

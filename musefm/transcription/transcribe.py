@@ -138,8 +138,8 @@ def transcribe_paths(paths: list[Path], out: Path, model=None, sonify: bool = Fa
     done, rejected = [], []
     audio_seconds = taken = 0.0
     # One file needs no progress lines: its result (or its one-line error) is the whole output.
-    progress_stream = stream if len(paths) > 1 else open(os.devnull, "w")
-    with Progress(len(paths), "transcribe", stream=progress_stream) as bar:
+    with open(os.devnull, "w") as devnull, Progress(len(paths), "transcribe",
+                                                     stream=stream if len(paths) > 1 else devnull) as bar:
         for path, stem in zip(paths, _unique_stems(paths)):
             try:
                 result = transcribe_file(model, Path(path), decode)
