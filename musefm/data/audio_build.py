@@ -130,7 +130,9 @@ def piano_performance(score, rng: np.random.Generator, dynamics: tuple[int, int]
     return played
 
 
-def _cut(score, max_seconds: float):
+def cut_score(score, max_seconds: float):
+    """The score up to ``max_seconds``: notes still sounding there are left out (audio and labels
+    agree); 0 keeps it whole."""
     if max_seconds <= 0:
         return score
     seconds = score.to("second")
@@ -199,7 +201,7 @@ def process_item(item: corpus.SourceItem) -> tuple[str, list[dict], list[dict]]:
                 continue
             fonts = config.test_soundfonts if split == "test" and config.test_soundfonts else config.soundfonts
             seed = int(hashlib.sha1(f"{config.seed}:{meta.id}".encode()).hexdigest()[:8], 16)
-            performance = piano_performance(_cut(result.score, config.max_seconds), np.random.default_rng(seed),
+            performance = piano_performance(cut_score(result.score, config.max_seconds), np.random.default_rng(seed),
                                             tuple(config.dynamics), config.velocity_spread, config.piano)
             if performance.note_num() == 0:
                 raise BadInputError(meta.path, "no pitched notes to render")
