@@ -66,7 +66,7 @@ def pretrain(work: Path, data: Path, sizes: dict, args, quiet) -> tuple[Path, di
     done = out / "bench_done.json"
     if done.is_file() and not args.retrain:
         return out, json.loads(done.read_text()) | {"cached": True}
-    extra = [f"train.max_steps={sizes['pretrain_steps']}", f"train.max_minutes={args.pretrain_minutes}",
+    extra = [f"train.max_steps={sizes.get('pretrain_steps', 100000)}", f"train.max_minutes={sizes['pretrain_minutes']}",
              "train.warmup_steps=50", "train.eval_every=200", "train.save_every=200", "train.eval_batches=10",
              "train.log_every=50", "train.seed=0", f"seq_len={sizes['seq_len']}", f"train.device={args.device}",
              f"train.precision={args.precision}"]
@@ -151,7 +151,8 @@ def main() -> None:
     parser.add_argument("--precision", default="fp32", choices=("auto", "fp32", "bf16"))
     args = parser.parse_args()
     sizes = dict(QUICK if args.quick else FULL)
-    args.pretrain_minutes = args.pretrain_minutes if args.pretrain_minutes is not None else sizes["pretrain_minutes"]
+    if args.pretrain_minutes is not None:
+        sizes["pretrain_minutes"] = args.pretrain_minutes
     sizes["limit"] = args.limit or sizes["limit"]
     sizes["steps"] = args.steps or sizes["steps"]
     work = Path(args.work)

@@ -25,13 +25,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import time
 import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench_finetune import pretrain, random_backbone  # noqa: E402  (the same backbone protocol)
 
 TASKS = {"melody": "melody_completion", "accomp": "accompaniment"}
 SYSTEMS = ("pretrained", "scratch", "random")
@@ -53,47 +54,6 @@ def build(work: Path, limit: int, quiet) -> Path:
     # A larger test split than the default 5%: each test piece gives ~10 queries.
     build_dataset(BuildConfig(sources=["music21:bach"], out=str(out), tokenizer="octuple", limit=limit, workers=2,
                               valid_fraction=0.05, test_fraction=0.15), stream=quiet)
-    return out
-
-
-def pretrain(work: Path, data: Path, sizes: dict, args, quiet) -> tuple[Path, dict]:
-    """MusicBERT pretrained on the dataset's training split; cached under work/pretrained-*/."""
-    from musefm.recipes.pretrain import load_config, main
-
-    settings = sizes["model_settings"]
-    out = work / f"pretrained-{data.name}-{settings['d_model']}x{settings['n_layers']}"
-    done = out / "bench_done.json"
-    if done.is_file() and not args.retrain:
-        return out, json.loads(done.read_text()) | {"cached": True}
-    extra = ["train.max_steps=100000", f"train.max_minutes={sizes['pretrain_minutes']}", "train.warmup_steps=50",
-             "train.eval_every=200", "train.save_every=200", "train.eval_batches=10", "train.log_every=50",
-             "train.seed=0", f"seq_len={sizes['seq_len']}", f"train.device={args.device}",
-             f"train.precision={args.precision}"]
-    config = load_config("music_bert_small", None, {"data": str(data), "out": str(out)}, extra)
-    config.model_settings.update(settings)
-    started = time.perf_counter()
-    summary = main(config, overwrite=True, stream=quiet)
-    valid = summary.get("valid") or {}
-    info = {"steps": summary.get("step"), "seconds": time.perf_counter() - started,
-            "valid_loss": round(summary.get("best_valid_loss") or valid.get("loss") or float("nan"), 3)}
-    done.write_text(json.dumps(info))
-    return out, info
-
-
-def random_backbone(work: Path, data: Path, pretrained: Path) -> Path:
-    """The pretrained model's architecture with a random initialisation (seed 0), saved like a model."""
-    import torch
-
-    from musefm.models.base import family_class, load_pretrained
-    from musefm.training.checkpoint import resolve_model_dir
-
-    out = work / f"scratch-{pretrained.name}"
-    if (out / "tokenizer.json").is_file():
-        return out
-    model, _ = load_pretrained(resolve_model_dir(pretrained))
-    torch.manual_seed(0)
-    family_class("music-bert")(model.config).save_pretrained(out)
-    shutil.copyfile(data / "tokenizer.json", out / "tokenizer.json")
     return out
 
 

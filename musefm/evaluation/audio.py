@@ -25,6 +25,7 @@ NaN files are skipped and listed in ``rejected``; silent audio is valid and coun
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import json
 import math
@@ -55,7 +56,7 @@ class AudioEmbedding(Protocol):
         """Mono float32 audio (samples,) at ``sample_rate`` -> (frames, dim)."""
 
 
-class WindowedEmbedding:
+class WindowedEmbedding(abc.ABC):
     """One vector per window of ``window_seconds`` every ``hop_seconds``; audio shorter than one
     window is one (shorter) window. Subclasses implement ``embed_windows``."""
 
@@ -83,9 +84,9 @@ class WindowedEmbedding:
                  for start in range(0, len(windows), BATCH_WINDOWS)]
         return np.concatenate(parts).astype(np.float32)  # (frames, dim)
 
+    @abc.abstractmethod
     def embed_windows(self, windows: np.ndarray) -> np.ndarray:
-        """(W, samples) float32 -> (W, dim)."""
-        raise NotImplementedError
+        """(W, samples) float32 -> (W, dim); each embedding defines it."""
 
     def settings(self) -> dict:
         return {"sample_rate": self.sample_rate, "window_seconds": self.window_seconds, "hop_seconds": self.hop_seconds}
