@@ -11,7 +11,7 @@ from musefm.data.build import BuildConfig, build_dataset
 from musefm.data.tokenize import decode, encode, load_tokenizer, make_tokenizer, save_tokenizer
 from musefm.errors import MusefmError
 from musefm.generation.constraints import scale_pitch_classes
-from musefm.models.music_lm import MusicLM, config_from_preset
+from musefm.models.music_lm import MusicLM, SingleTokenDecoder, config_from_preset
 from musefm.recipes.generate import GenerateConfig, bar_token_ids, generate, main, music_ids
 from tests.conftest import make_score
 
@@ -94,7 +94,15 @@ def test_bars_and_seconds_targets_run_past_the_context(setup, tmp_path, monkeypa
         output.logits[..., bar_id] += 3.0
         return output
 
+    step = SingleTokenDecoder.__call__
+
+    def step_liking_bars(self, *args, **kwargs):  # the decoding steps after the prompt
+        logits = step(self, *args, **kwargs)
+        logits[..., bar_id] += 3.0
+        return logits
+
     monkeypatch.setattr(MusicLM, "forward", forward_liking_bars)
+    monkeypatch.setattr(SingleTokenDecoder, "__call__", step_liking_bars)
     record = _records(main(_config(setup, tmp_path / "bars", max_tokens=0, bars=2, top_k=8), stream=QUIET))[0]
     new = music_ids(tokenizer, record["token_ids"])
     assert record["stopped"] == "bars" and record["new_bars"] == 2

@@ -165,16 +165,21 @@ def test_window_mask_and_self_visibility():
 
 def test_kv_cache_grows_and_slides():
     cache = KVCache(n_layers=1, batch_size=1, max_length=4)
-    seen = []
-    for step in range(11):
+    seen, buffers = [], set()
+    for step in range(41):
         past = cache.reserve(1)
         keys = torch.full((1, 1, 1, 2), float(step))
         all_keys, _ = cache.update(0, keys, keys)
-        cache.advance(1, None)
+        # The first token is padding: its flag must leave the window with it.
+        cache.advance(1, torch.tensor([[step > 0]]))
         seen.append(all_keys[0, 0, :, 0].tolist())
+        buffers.add(cache.keys[0].data_ptr())
         assert past == min(step, 3)
-    assert seen[-1] == [7.0, 8.0, 9.0, 10.0]  # the last W tokens, oldest first
-    assert cache.capacity <= 8 and cache.position == 11
+        assert cache.past_key_valid()[0].tolist() == [s > 0 for s in range(step - past, step + 1)]
+    assert seen[10] == [7.0, 8.0, 9.0, 10.0] and seen[-1] == [37.0, 38.0, 39.0, 40.0]  # the last W, oldest first
+    assert cache.capacity <= 8 and cache.position == 41
+    # Sliding moves a start index; the live entries are copied to a fresh buffer once every ~W tokens.
+    assert len(buffers) <= 41 // 4 + 2
     unbounded = KVCache(n_layers=1, batch_size=1)
     for step in range(40):
         unbounded.reserve(1)

@@ -74,6 +74,32 @@ def test_sliding_window_cache(position):
 
 
 @pytest.mark.parametrize("position", POSITIONS)
+def test_single_token_decoder_equals_the_cached_forward(position):
+    """The fast decoding step gives the general path's logits, sliding window and batch rows included."""
+    model = tiny_model(position)
+    ids = tokens(3, 20, seed=5)
+    window = 6
+    decoder = model.decoder()
+    assert decoder.fast == (position == "rope")
+    with torch.no_grad():
+        reference_cache, cache = model.init_cache(3, max_length=window), model.init_cache(3, max_length=window)
+        model(ids[:, :4], cache=reference_cache), model(ids[:, :4], cache=cache)
+        for t in range(4, 20):  # slides past the window twice
+            expected = model(ids[:, t : t + 1], cache=reference_cache).logits[:, -1]
+            torch.testing.assert_close(decoder(ids[:, t], cache), expected, atol=1e-5, rtol=1e-5)
+        assert (cache.position, cache.length) == (reference_cache.position, reference_cache.length)
+        # A padded cache goes through the general path and still agrees.
+        valid = torch.tensor([[False, True, True]] * 3)
+        padded_cache, reference_cache = model.init_cache(3), model.init_cache(3)
+        model(ids[:, :3], attention_mask=valid, cache=padded_cache)
+        model(ids[:, :3], attention_mask=valid, cache=reference_cache)
+        torch.testing.assert_close(decoder(ids[:, 3], padded_cache),
+                                   model(ids[:, 3:4], cache=reference_cache).logits[:, -1], atol=1e-5, rtol=1e-5)
+    model.train()
+    assert not model.decoder().fast  # dropout would be skipped: training mode takes the general path
+
+
+@pytest.mark.parametrize("position", POSITIONS)
 def test_left_padded_prompt_in_cache_matches_unpadded(position):
     model = tiny_model(position)
     ids = tokens(1, 8, seed=2)

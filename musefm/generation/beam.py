@@ -17,7 +17,7 @@ import torch
 
 from musefm.data.dataset import EOS
 from musefm.errors import MusefmError
-from musefm.generation.sampling import constrain_logits
+from musefm.generation.sampling import constrain_logits, token_decoder
 from musefm.modules.attention import KVCache
 
 
@@ -54,6 +54,7 @@ def beam_search(model, prompt: torch.Tensor, beam_size: int, max_new_tokens: int
     states = [constraint.start(prompt)] if constraint is not None else None
     cache = model.init_cache(1, max_length=window)
     logits = model(prompt[-window:].to(device).unsqueeze(0), cache=cache).logits[:, -1]  # (1, V)
+    decode_step = token_decoder(model)
 
     live_tokens: list[list[int]] = [[]]  # per live beam, its new tokens so far
     live_sums = torch.zeros(1, dtype=torch.float64)  # (L,) summed log-probabilities
@@ -99,8 +100,8 @@ def beam_search(model, prompt: torch.Tensor, beam_size: int, max_new_tokens: int
             states = [constraint.advance(states[parent], token) for parent, token in zip(parents, next_tokens)]
         if step + 1 < max_new_tokens:
             reorder_cache(cache, torch.tensor(parents, dtype=torch.long))
-            step_tokens = torch.tensor(next_tokens, dtype=torch.long, device=device).unsqueeze(1)  # (L, 1)
-            logits = model(step_tokens, cache=cache).logits[:, -1]  # (L, V)
+            step_tokens = torch.tensor(next_tokens, dtype=torch.long, device=device)  # (L,)
+            logits = decode_step(step_tokens, cache)  # (L, V)
 
     # Beams still running at the end compete with the ended ones at their own length.
     finished += [(normalised(float(total), len(tokens)), tokens) for total, tokens in zip(live_sums, live_tokens)]

@@ -46,6 +46,14 @@ def constrain_logits(logits: torch.Tensor, constraint, states: list) -> torch.Te
     return logits.masked_fill(~allowed, float("-inf"))
 
 
+def token_decoder(model):
+    """``(tokens (B,), cache) -> next-token logits (B, V)``: the model's fast ``decoder()`` when it has
+    one, else its cached forward pass over one token per row."""
+    if hasattr(model, "decoder"):
+        return model.decoder()
+    return lambda tokens, cache: model(tokens[:, None], cache=cache).logits[:, -1]
+
+
 @torch.no_grad()
 def sample_batch(model, prompt: torch.Tensor, num_samples: int, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int = 0, top_p: float = 1.0, seed: int = 0, stop_at_eos: bool = True,
@@ -66,6 +74,7 @@ def sample_batch(model, prompt: torch.Tensor, num_samples: int, max_new_tokens: 
     generator = torch.Generator(device=device).manual_seed(seed)
     cache = model.init_cache(num_samples, max_length=window)
     logits = model(context, cache=cache).logits[:, -1]  # (B, V)
+    decode_step = token_decoder(model)
     tokens, log_probs = [], []  # per step (B,)
     lengths = torch.full((num_samples,), max_new_tokens)  # (B,) tokens kept per row
     finished = torch.zeros(num_samples, dtype=torch.bool)  # (B,)
@@ -88,7 +97,7 @@ def sample_batch(model, prompt: torch.Tensor, num_samples: int, max_new_tokens: 
             finished |= ended
             if bool(finished.all()):
                 break
-        logits = model(token, cache=cache).logits[:, -1]
+        logits = decode_step(token[:, 0], cache)  # (B, V)
     tokens = torch.stack(tokens, dim=1).long() if tokens else torch.zeros(num_samples, 0, dtype=torch.long)  # (B, N)
     log_probs = torch.stack(log_probs, dim=1) if log_probs else torch.zeros(num_samples, 0)  # (B, N)
     return [(tokens[row, : lengths[row]], log_probs[row, : lengths[row]]) for row in range(num_samples)]

@@ -27,16 +27,18 @@ class KVCache:
     """Keys and values of the tokens decoded so far, per layer, for incremental decoding.
 
     Keys are stored after rotary embedding (their absolute positions are baked in), so each new
-    token only computes its own key and value. Storage is a per-layer buffer that doubles when full,
-    so appending a token copies nothing in the common case (``torch.cat`` would copy the whole
-    cache at every token).
+    token only computes its own key and value. Storage is a per-layer buffer whose live entries are
+    ``[start, start + length)``: appending writes after them, and a buffer that is full doubles, so
+    appending a token copies nothing in the common case (``torch.cat`` would copy the whole cache
+    at every token).
 
     ``max_length = W`` makes a sliding window: every token attends to itself and the ``W - 1``
     tokens before it, so a step costs O(W) however long generation runs. Only the last ``W - 1``
-    tokens are kept; the buffer holds ``2 W`` entries and the live ones are moved to its front when
-    it fills up (one copy every ~W tokens). This equals a full forward pass in which position ``i``
-    may attend to positions ``i - W + 1 .. i`` (banded causal mask, as in Mistral / Longformer);
-    with one layer that is exactly a forward pass over the last W tokens.
+    tokens are kept: dropping the oldest moves ``start`` forward, and when the live entries reach
+    the end of the buffer (which holds ``2 W``) they are copied to its front, once every ~W tokens.
+    This equals a full forward pass in which position ``i`` may attend to positions
+    ``i - W + 1 .. i`` (banded causal mask, as in Mistral / Longformer); with one layer that is
+    exactly a forward pass over the last W tokens.
 
     Meant for inference (under ``torch.no_grad()``): the buffers are written in place.
     """
@@ -49,6 +51,7 @@ class KVCache:
         self.values: list[torch.Tensor | None] = [None] * n_layers  # each (B, H, capacity, Dh)
         self.key_valid: torch.Tensor | None = None  # (B, capacity) bool; None while every key is real
         self.capacity = 0
+        self.start = 0  # buffer index of the oldest live entry
         self.length = 0  # live entries (the same in every layer between forward passes)
         self.position = 0  # absolute position of the next token = tokens seen so far
 
@@ -64,30 +67,30 @@ class KVCache:
         Called once per forward pass, before the layers, so every layer's buffer moves together.
         """
         past = self.past_length()
-        dropped = self.length - past
-        needed = past + new_tokens
-        if dropped == 0 and needed <= self.capacity:
+        self.start += self.length - past  # entries that fell out of the window
+        self.length = past
+        if self.start + past + new_tokens <= self.capacity:
             return past
         if self.max_length is None:
-            capacity = max(needed, 2 * self.capacity, 16)
+            capacity = max(past + new_tokens, 2 * self.capacity, 16)
         else:
-            capacity = max(needed, 2 * self.max_length)
+            capacity = max(past + new_tokens, 2 * self.max_length)
         for layer in range(self.n_layers):
-            self.keys[layer] = self._moved(self.keys[layer], dropped, past, capacity, dim=2)
-            self.values[layer] = self._moved(self.values[layer], dropped, past, capacity, dim=2)
-        self.key_valid = self._moved(self.key_valid, dropped, past, capacity, dim=1)
-        self.capacity, self.length = capacity, past
+            self.keys[layer] = self._moved(self.keys[layer], self.start, past, capacity, dim=2)
+            self.values[layer] = self._moved(self.values[layer], self.start, past, capacity, dim=2)
+        self.key_valid = self._moved(self.key_valid, self.start, past, capacity, dim=1)
+        self.capacity, self.start = capacity, 0
         return past
 
     @staticmethod
-    def _moved(buffer, dropped: int, kept: int, capacity: int, dim: int):
-        """A new buffer of ``capacity`` entries along ``dim`` holding the ``kept`` live ones in front."""
+    def _moved(buffer, start: int, kept: int, capacity: int, dim: int):
+        """A buffer of ``capacity`` entries along ``dim`` holding the ``kept`` live ones in front."""
         if buffer is None:
             return None
         shape = list(buffer.shape)
         shape[dim] = capacity
         fresh = buffer.new_zeros(shape)
-        fresh.narrow(dim, 0, kept).copy_(buffer.narrow(dim, dropped, kept))
+        fresh.narrow(dim, 0, kept).copy_(buffer.narrow(dim, start, kept))
         return fresh
 
     def update(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,21 +100,22 @@ class KVCache:
             # Allocated on first use: only now are the heads, head size and dtype (autocast) known.
             self.keys[layer] = keys.new_zeros(batch, heads, self.capacity, head_dim)
             self.values[layer] = values.new_zeros(batch, heads, self.capacity, head_dim)
-        end = self.length + new_tokens
-        self.keys[layer][:, :, self.length : end] = keys
-        self.values[layer][:, :, self.length : end] = values
-        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]  # (B, H, past + T, Dh)
+        end = self.start + self.length + new_tokens
+        self.keys[layer][:, :, end - new_tokens : end] = keys
+        self.values[layer][:, :, end - new_tokens : end] = values
+        return self.keys[layer][:, :, self.start : end], self.values[layer][:, :, self.start : end]
 
     def past_key_valid(self) -> torch.Tensor | None:
         """(B, live entries) bool: False for cached tokens that were padding; None if all are real."""
-        return None if self.key_valid is None else self.key_valid[:, : self.length]
+        return None if self.key_valid is None else self.key_valid[:, self.start : self.start + self.length]
 
     def advance(self, new_tokens: int, valid: torch.Tensor | None) -> None:
         """Record that ``new_tokens`` tokens were appended (``valid``: (B, T) bool, False = padding)."""
         if valid is not None and self.key_valid is None:
             self.key_valid = torch.ones(self.batch_size, self.capacity, dtype=torch.bool, device=valid.device)
         if self.key_valid is not None:
-            self.key_valid[:, self.length : self.length + new_tokens] = True if valid is None else valid
+            end = self.start + self.length + new_tokens
+            self.key_valid[:, end - new_tokens : end] = True if valid is None else valid
         self.length += new_tokens
         self.position += new_tokens
 

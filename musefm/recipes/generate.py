@@ -329,12 +329,13 @@ def generate_samples(model, tokenizer, prompt_ids, *, num_samples: int = 1, max_
 
 def _score_tokens(model, prompt: torch.Tensor, tokens: torch.Tensor, constraint) -> list[float]:
     """Log-probabilities of ``tokens`` after ``prompt``, restricted to the allowed tokens when constrained."""
-    from musefm.generation.sampling import constrain_logits
+    from musefm.generation.sampling import constrain_logits, token_decoder
 
     window = model.config.max_seq_len
     cache = model.init_cache(1, max_length=window)
     device = next(model.parameters()).device
     logits = model(prompt[-window:].to(device).unsqueeze(0), cache=cache).logits[:, -1]  # (1, V)
+    decode_step = token_decoder(model)
     state = constraint.start(prompt) if constraint is not None else None
     log_probs = []
     for token in tokens.tolist():
@@ -343,7 +344,7 @@ def _score_tokens(model, prompt: torch.Tensor, tokens: torch.Tensor, constraint)
             logits = constrain_logits(logits, constraint, [state])
             state = constraint.advance(state, token)
         log_probs.append(float(torch.log_softmax(logits, dim=-1)[0, token]))
-        logits = model(torch.tensor([[token]], device=device), cache=cache).logits[:, -1]  # (1, V)
+        logits = decode_step(torch.tensor([token], device=device), cache)  # (1, V)
     return log_probs
 
 
