@@ -12,7 +12,9 @@ from musefm.data.tokenize import decode, encode, load_tokenizer, make_tokenizer,
 from musefm.errors import MusefmError
 from musefm.generation.constraints import scale_pitch_classes
 from musefm.models.music_lm import MusicLM, SingleTokenDecoder, config_from_preset
-from musefm.recipes.generate import GenerateConfig, bar_token_ids, generate, main, music_ids
+from musefm.data.tokenize import bar_token_ids
+from musefm.generation.continuation import generate, music_ids
+from musefm.recipes.generate import GenerateConfig, main
 from tests.conftest import make_score
 
 QUIET = open(os.devnull, "w")

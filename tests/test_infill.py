@@ -9,7 +9,9 @@ import torch
 
 from musefm.data.tokenize import bar_token_ids, decode, encode, make_tokenizer, save_tokenizer, score_notes
 from musefm.errors import MusefmError
-from musefm.generation.infill import check_bars, infill_music_bert, infill_music_lm, notes_between
+from musefm.generation.infill import check_bars, notes_between
+from musefm.generation.infill_bert import infill_music_bert
+from musefm.generation.infill_lm import infill_music_lm
 from musefm.models.music_bert import MusicBERT, config_from_preset as bert_preset, octuple_fields
 from musefm.models.music_lm import MusicLM, config_from_preset as lm_preset
 from tests.conftest import make_score

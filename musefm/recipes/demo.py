@@ -99,7 +99,7 @@ def run_demo(out: Path, quick: bool = False, stream=None) -> Path:
     from musefm.audio.render import render_midi
     from musefm.data.dataset import open_dataset
     from musefm.data.tokenize import bar_token_ids, decode
-    from musefm.recipes.generate import music_ids
+    from musefm.generation.continuation import music_ids
     from musefm.generation.constraints import GrammarConstraint
     from musefm.generation.sampling import sample
     from musefm.models.base import load_pretrained

@@ -8,11 +8,13 @@ import numpy as np
 
 
 def plot_pianoroll(score, path: Path, title: str | None = None, highlight_from_quarter: float | None = None,
-                   max_quarters: float | None = None) -> Path:
+                   max_quarters: float | None = None, highlight_to_quarter: float | None = None,
+                   highlight_label: str = "generated") -> Path:
     """Write a piano roll of ``score`` to ``path``.
 
-    ``highlight_from_quarter`` shades everything after that time (e.g. a generated continuation after
-    its prompt); ``max_quarters`` crops long pieces.
+    ``highlight_from_quarter`` shades from that time to ``highlight_to_quarter`` (default: the end),
+    e.g. a generated continuation after its prompt, or infilled bars between the kept ones;
+    ``max_quarters`` crops long pieces.
     """
     import matplotlib
 
@@ -43,8 +45,13 @@ def plot_pianoroll(score, path: Path, title: str | None = None, highlight_from_q
     if highest < lowest:
         lowest, highest, end = 60, 72, 4.0
     if highlight_from_quarter is not None:
-        axes.axvspan(highlight_from_quarter, end, color="gold", alpha=0.15, label="generated")
+        highlight_end = end if highlight_to_quarter is None else highlight_to_quarter
+        axes.axvspan(highlight_from_quarter, highlight_end, color="gold", alpha=0.15)
         axes.axvline(highlight_from_quarter, color="black", linewidth=1)
+        if highlight_to_quarter is not None:
+            axes.axvline(highlight_to_quarter, color="black", linewidth=1)
+        axes.text(highlight_from_quarter, 1.0, f" {highlight_label}", transform=axes.get_xaxis_transform(),
+                  va="bottom", ha="left", fontsize=8)
     axes.set_xlim(0, end)
     axes.set_ylim(lowest - 2, highest + 2)
     axes.set_xlabel("time (quarter notes)")
