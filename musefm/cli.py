@@ -393,7 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--out", required=True)
     embed.add_argument("--pooling", choices=["mean", "first", "last"])
     embed.add_argument("--per-bar", action="store_true", default=None)
-    embed.add_argument("--map", choices=["pca", "tsne", "none"])
+    embed.add_argument("--map", choices=["pca", "tsne", "umap", "none"], help="2-D map of the pieces (default pca)")
     embed.add_argument("--color-by", help="manifest field colouring the map (e.g. composer)")
     embed.set_defaults(func=_embed)
 

@@ -5,7 +5,7 @@ import pytest
 
 from musefm.data.dataset import open_dataset
 from musefm.errors import MusefmError
-from musefm.recipes.embed import EmbedConfig, main as embed, pca_2d
+from musefm.recipes.embed import MAPS, EmbedConfig, main as embed, pca_2d
 from tests.test_finetune import QUIET, styles  # noqa: F401  (the module fixture: datasets + backbones)
 
 
@@ -50,12 +50,25 @@ def test_pca_finds_the_main_axis():
     assert abs(np.corrcoef(coordinates[:, 0], points @ np.array([0.6, 0.8, 0.0]))[0, 1]) > 0.999
 
 
+@pytest.mark.parametrize("method", ["tsne", "umap"])
+def test_nonlinear_maps_keep_separate_clusters_apart(method):
+    """Two well-separated 16-D clusters stay two clusters on the 2-D map (and the map is seeded)."""
+    rng = np.random.default_rng(0)
+    centres = np.zeros((2, 16))
+    centres[1, :] = 6.0
+    labels = np.repeat([0, 1], 20)
+    points = centres[labels] + rng.normal(size=(40, 16))
+    coordinates = MAPS[method](points)
+    assert coordinates.shape == (40, 2) and np.isfinite(coordinates).all()
+    # Every point's nearest neighbour on the map belongs to its own cluster.
+    distances = np.linalg.norm(coordinates[:, None] - coordinates[None], axis=-1) + np.eye(40) * 1e9
+    assert (labels[distances.argmin(axis=1)] == labels).all()
+    np.testing.assert_allclose(MAPS[method](points), coordinates, atol=1e-4)
+
+
 def test_embed_refuses_bad_settings(styles, tmp_path):  # noqa: F811
-    try:
-        import sklearn  # noqa: F401
-    except ImportError:
-        with pytest.raises(MusefmError, match="scikit-learn"):
-            EmbedConfig(map="tsne").validate()
+    with pytest.raises(MusefmError, match="map"):
+        EmbedConfig(map="mds").validate()
     with pytest.raises(MusefmError, match="color_by"):
         EmbedConfig(color_by="mood").validate()
     with pytest.raises(MusefmError, match="tokenizer differs"):

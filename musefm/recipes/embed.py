@@ -10,7 +10,7 @@ them (each token is read once, in the window where it first appears).
 
 Output: ``embeddings.npy`` (N, D) float32, ``index.jsonl`` (row i: id and metadata of piece i),
 ``bars.npy`` (M, D) + ``bars.jsonl`` (piece row, bar number) with ``per_bar``, and ``map.png``
-(a 2-D map coloured by a metadata field): PCA is numpy's SVD; t-SNE needs scikit-learn.
+(a 2-D map coloured by a metadata field): PCA (numpy's SVD), t-SNE (scikit-learn) or UMAP (umap-learn).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ class EmbedConfig:
     out: str = ""
     pooling: Literal["mean", "first", "last"] = "mean"
     per_bar: bool = False
-    map: Literal["pca", "tsne", "none"] = "pca"
+    map: Literal["pca", "tsne", "umap", "none"] = "pca"
     color_by: str = "collection"  # index field the map is coloured by
     seq_len: int = 0  # 0 = the model's max_seq_len
     batch_size: int = 16
@@ -44,14 +44,8 @@ class EmbedConfig:
     def validate(self) -> None:
         if self.pooling not in ("mean", "first", "last"):
             raise MusefmError(f"pooling: must be 'mean', 'first' or 'last', got {self.pooling!r}")
-        if self.map not in ("pca", "tsne", "none"):
-            raise MusefmError(f"map: must be pca, tsne or none, got {self.map!r}")
-        if self.map == "tsne":
-            try:
-                import sklearn  # noqa: F401
-            except ImportError:
-                raise MusefmError("map: t-SNE needs scikit-learn, which is not installed (pip install "
-                                  "scikit-learn, or use --map pca)") from None
+        if self.map not in MAPS and self.map != "none":
+            raise MusefmError(f"map: must be {', '.join(MAPS)} or none, got {self.map!r}")
         if self.color_by not in INDEX_FIELDS:
             raise MusefmError(f"color_by: must be one of {', '.join(INDEX_FIELDS)}, got {self.color_by!r}")
         if self.seq_len < 0 or self.batch_size < 1:
@@ -169,7 +163,7 @@ def main(config: EmbedConfig, stream=None) -> dict:
         (out / "bars.jsonl").write_text("".join(json.dumps(entry) + "\n" for entry in bar_rows))
         files += ["bars.npy", "bars.jsonl"]
     if config.map != "none" and len(embeddings) >= 2:
-        coordinates = pca_2d(embeddings) if config.map == "pca" else tsne_2d(embeddings)
+        coordinates = MAPS[config.map](embeddings)
         plot_map(coordinates, [entry.get(config.color_by) for entry in index], out / "map.png",
                  f"{config.map.upper()} of {len(embeddings)} pieces, coloured by {config.color_by}")
         files.append("map.png")
@@ -187,10 +181,25 @@ def pca_2d(vectors: np.ndarray) -> np.ndarray:
 
 
 def tsne_2d(vectors: np.ndarray) -> np.ndarray:
+    """t-SNE coordinates (N, 2); the perplexity shrinks with small sets (it must stay below N)."""
     from sklearn.manifold import TSNE
 
     perplexity = max(1.0, min(30.0, (len(vectors) - 1) / 3))
     return TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=0).fit_transform(vectors)
+
+
+def umap_2d(vectors: np.ndarray) -> np.ndarray:
+    """UMAP coordinates (N, 2) with up to 15 neighbours (fewer for small sets), seeded."""
+    import umap
+
+    neighbours = max(2, min(15, len(vectors) - 1))
+    # The spectral initialisation needs more points than dimensions + 1; tiny sets start at random.
+    init = "spectral" if len(vectors) > 10 else "random"
+    reducer = umap.UMAP(n_components=2, n_neighbors=neighbours, init=init, random_state=0, n_jobs=1)
+    return reducer.fit_transform(vectors)
+
+
+MAPS = {"pca": pca_2d, "tsne": tsne_2d, "umap": umap_2d}
 
 
 def plot_map(coordinates: np.ndarray, groups: list, path: Path, title: str) -> Path:
