@@ -234,7 +234,8 @@ def _finetune(args) -> int:
 
     given = {"model": args.model, "data": args.data, "out": args.out, "task": args.task, "labels_csv": args.labels,
              "linear_probe": args.linear_probe, "freeze_layers": args.freeze_layers, "pooling": args.pooling,
-             "balance": args.balance, "label_fraction": args.label_fraction, "steps": args.steps, "seed": args.seed}
+             "balance": args.balance, "label_fraction": args.label_fraction, "steps": args.steps, "seed": args.seed,
+             "neutral_fields": args.neutral_fields.split(",") if args.neutral_fields else None}
     config = from_dict(FinetuneConfig, {key: value for key, value in given.items() if value is not None})
     config = apply_overrides(config, args.overrides)
     summary = finetune(config, overwrite=args.overwrite)
@@ -375,6 +376,8 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--pooling", choices=["mean", "first", "last"])
     finetune.add_argument("--balance", choices=["none", "weights", "sampling"])
     finetune.add_argument("--label-fraction", type=float, help="use this share of the training labels")
+    finetune.add_argument("--neutral-fields", help="Octuple fields set to one value in every note, e.g. "
+                          "tempo,timesig,program,velocity (the label must come from the notes)")
     finetune.add_argument("--steps", type=int)
     finetune.add_argument("--seed", type=int)
     finetune.add_argument("--overwrite", action="store_true")

@@ -12,7 +12,7 @@ from musefm.data.dataset import TokenDataset, open_dataset
 from musefm.errors import MusefmError
 from musefm.models.classifier import ClassifierConfig, PieceClassifier
 from musefm.recipes.finetune import (FinetuneConfig, LabeledWindows, classification_metrics, main as finetune,
-                                     predict, read_label_csv, stratified_subset)
+                                     neutral_field_ids, predict, read_label_csv, stratified_subset)
 from musefm.training.trainer import collate
 from tests.conftest import make_score
 
@@ -145,6 +145,36 @@ def test_saved_and_reloaded_classifier_predicts_the_same(styles, family, pooling
     assert torch.allclose(expected.sum(dim=1), torch.ones(len(expected)))
     with pytest.raises(MusefmError, match="not a classifier"):
         PieceClassifier.from_pretrained(styles[family])
+
+
+def test_neutral_fields_hide_metadata_in_training_and_prediction(styles, tmp_path, one_thread):
+    """The 'folk-like' pieces differ by tempo: with tempo neutral, the classifier cannot see it."""
+    from musefm.models.base import load_pretrained
+    from musefm.models.music_bert import octuple_fields
+
+    dataset = open_dataset(styles["octuple"])
+    fields, _ = octuple_fields(dataset.tokenizer)
+    pairs = neutral_field_ids(dataset, ["Tempo", "velocity"])
+    tempo = fields.index("tempo")
+    assert [column for column, _ in pairs] == [tempo, fields.index("velocity")]
+    train_tempos = np.concatenate([np.asarray(dataset.piece_ids(row))[:, tempo] for row in dataset.rows("train")])
+    assert pairs[0][1] == np.bincount(train_tempos).argmax()  # the most common training value
+    backbone, _ = load_pretrained(styles["bert"])
+    model = PieceClassifier(backbone, ClassifierConfig(label_names=["x", "y"], dropout=0.0, neutral=pairs))
+    batch = _batch(styles["octuple"], _labels(styles["octuple"]), size=4)
+    changed = dict(batch, input_ids=batch["input_ids"].clone())
+    notes = changed["input_ids"][..., tempo] > 3  # not PAD/BOS/EOS/MASK
+    changed["input_ids"][..., tempo][notes] = 4 + (changed["input_ids"][..., tempo][notes] + 1) % 8
+    torch.testing.assert_close(model.predict(changed), model.predict(batch), rtol=0, atol=0)
+    model.config.neutral = []
+    assert not torch.allclose(model.predict(changed), model.predict(batch))
+    model.config.neutral = pairs
+    model.save_pretrained(tmp_path / "cls")
+    assert PieceClassifier.from_pretrained(tmp_path / "cls").config.neutral == pairs
+    with pytest.raises(MusefmError, match="not among the Octuple fields"):
+        neutral_field_ids(dataset, ["mood"])
+    with pytest.raises(MusefmError, match="are Octuple fields"):
+        neutral_field_ids(open_dataset(styles["remi"]), ["tempo"])
 
 
 def test_finetune_learns_a_separable_task_and_writes_its_run(styles, tmp_path, one_thread):

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from musefm.config import from_dict
+from musefm.data.dataset import MASK
 from musefm.errors import MusefmError
 from musefm.atomic import atomic_directory
 from musefm.models.base import family_class, read_model_config, versions
@@ -49,6 +50,9 @@ class ClassifierConfig:
     linear_probe: bool = False
     freeze_layers: int = 0  # embeddings + this many first blocks frozen (ignored with linear_probe)
     seq_len: int = 0  # window length the classifier was trained on (prediction uses the same)
+    # Octuple [column, token id] pairs: that field is set to this one value in every note before the
+    # backbone reads it, so piece-wide metadata (tempo, program ...) cannot give the label away.
+    neutral: list[list[int]] = field(default_factory=list)
 
     def validate(self) -> None:
         if len(self.label_names) < 2:
@@ -61,6 +65,8 @@ class ClassifierConfig:
             raise MusefmError(f"dropout: must be in [0, 1), got {self.dropout}")
         if self.freeze_layers < 0 or self.seq_len < 0:
             raise MusefmError("freeze_layers and seq_len must be >= 0")
+        if any(len(pair) != 2 or min(pair) < 0 for pair in self.neutral):
+            raise MusefmError(f"neutral: expected [column, token id] pairs, got {self.neutral}")
 
     @property
     def num_classes(self) -> int:
@@ -111,6 +117,11 @@ class PieceClassifier(nn.Module):
 
     def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Pooled backbone states (B, D) of windows ``input_ids`` (B, T) or (B, T, F)."""
+        if self.config.neutral and input_ids.dim() == 3:
+            input_ids = input_ids.clone()
+            for column, token_id in self.config.neutral:
+                values = input_ids[..., column]  # (B, T) view
+                values.masked_fill_(values > MASK, token_id)  # PAD/BOS/EOS/MASK rows keep theirs
         if self.backbone.family == "music-bert":
             hidden = self.backbone(input_ids, attention_mask).hidden  # (B, T, D)
         else:

@@ -9,7 +9,10 @@ id or source path). Pieces without a label are left out and counted. Splits are 
 made by piece, so no piece is in two of them.
 
 No augmentation is applied while fine-tuning: key labels are the manifest's, untransposed, and the
-other labels do not depend on pitch, tempo or velocity.
+other labels do not depend on pitch, tempo or velocity. ``neutral_fields`` (Octuple) sets fields
+such as tempo, time signature, program and velocity to one value in every note, in training and in
+prediction alike (the classifier keeps the values): a collection whose pieces share a tempo or a
+meter is then told apart by its notes, not by that metadata.
 
 The run directory ``out/`` holds the classifier (``out/model/``, loadable by ``predict``), the
 trainer's checkpoints and ``best/`` (lowest validation loss, which becomes ``model/``),
@@ -25,13 +28,14 @@ import csv
 import json
 import shutil
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
 
+from musefm.data.dataset import MASK
 from musefm.errors import MusefmError
 
 TASKS = ("composer", "collection", "key", "mode", "meter", "labels")
@@ -55,6 +59,9 @@ class FinetuneConfig:
     steps: int = 200
     batch_size: int = 16
     lr: float = 1e-4
+    # Octuple fields set to one value in every note (their most common value in the training split):
+    # e.g. ["tempo", "timesig", "program", "velocity"], so the label must come from the notes.
+    neutral_fields: list[str] = field(default_factory=list)
     warmup_steps: int = 10
     weight_decay: float = 0.01
     eval_every: int = 50
@@ -145,6 +152,31 @@ def read_label_csv(path, dataset) -> tuple[dict[str, str], list[str]]:
                 continue
             labels[piece_id] = label
     return labels, problems
+
+
+def neutral_field_ids(dataset, names: list[str]) -> list[list[int]]:
+    """[column, token id] for each named Octuple field: its most common id over the training split's
+    notes (the whole dataset when it has no training split)."""
+    from collections import Counter
+
+    from musefm.models.music_bert import octuple_fields
+
+    if not names:
+        return []
+    if not dataset.tokenizer.is_multi_voc:
+        raise MusefmError(f"neutral_fields: {', '.join(names)} are Octuple fields, but {dataset.root} holds "
+                          f"{type(dataset.tokenizer).__name__} tokens")
+    fields, _ = octuple_fields(dataset.tokenizer)
+    unknown = [name for name in names if name.lower() not in fields]
+    if unknown:
+        raise MusefmError(f"neutral_fields: {', '.join(unknown)} not among the Octuple fields {', '.join(fields)}")
+    columns = [fields.index(name.lower()) for name in names]
+    counts = {column: Counter() for column in columns}
+    for row in dataset.rows("train") or dataset.manifest:
+        ids = np.asarray(dataset.piece_ids(row))  # (notes, F)
+        for column in columns:
+            counts[column].update(ids[:, column][ids[:, column] > MASK].tolist())
+    return [[column, int(count.most_common(1)[0][0])] for column, count in counts.items() if count]
 
 
 def stratified_subset(piece_ids: list[str], labels: dict[str, str], fraction: float, seed: int) -> list[str]:
@@ -357,7 +389,7 @@ def main(config: FinetuneConfig, overwrite: bool = False, stream=None) -> dict:
     seq_len = config.seq_len or backbone.config.max_seq_len
     classifier_config = ClassifierConfig(label_names=label_names, pooling=config.pooling, dropout=config.dropout,
                                          linear_probe=config.linear_probe, freeze_layers=config.freeze_layers,
-                                         seq_len=seq_len)
+                                         seq_len=seq_len, neutral=neutral_field_ids(dataset, config.neutral_fields))
     train_config = TrainConfig(max_steps=config.steps, batch_size=config.batch_size, lr=config.lr,
                                warmup_steps=min(config.warmup_steps, config.steps), weight_decay=config.weight_decay,
                                eval_every=config.eval_every, eval_batches=config.eval_batches,

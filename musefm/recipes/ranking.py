@@ -49,7 +49,6 @@ from __future__ import annotations
 import json
 import shutil
 import sys
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -338,13 +337,10 @@ class RankingTask:
 
     def _neutral_values(self) -> dict[int, int]:
         """Column -> id for the piece-wide fields: their most common id in the training split."""
-        columns = [self.layout.fields[name] for name in NEUTRAL_FIELDS if name in self.layout.fields]
-        counts = {column: Counter() for column in columns}
-        for row in self.dataset.rows("train") or self.dataset.manifest:
-            ids = np.asarray(self.dataset.piece_ids(row))
-            for column in columns:
-                counts[column].update(ids[:, column].tolist())
-        return {column: int(count.most_common(1)[0][0]) for column, count in counts.items() if count}
+        from musefm.recipes.finetune import neutral_field_ids
+
+        names = [name for name in NEUTRAL_FIELDS if name in self.layout.fields]
+        return dict(neutral_field_ids(self.dataset, names))
 
     def segments(self, piece_id: str) -> list[Segment]:
         if piece_id not in self._segments:
