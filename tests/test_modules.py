@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from musefm.errors import MusefmError
-from musefm.modules.attention import KVCache, MultiHeadSelfAttention, build_attention_mask, causal_allowed
+from musefm.modules.attention import (KVCache, MultiHeadSelfAttention, build_attention_mask, causal_allowed,
+                                     explicit_attention, uses_explicit_attention)
+from musefm.modules.dropout import Dropout
 from musefm.modules.positions import RelativePositionEmbedding, RotaryEmbedding, apply_rotary
 from musefm.modules.transformer import TransformerBlock, next_memory, next_memory_mask
 
@@ -201,3 +203,38 @@ def test_next_memory_keeps_last_rows_detached():
     segment_valid = torch.tensor([[True] * 5, [True] * 3 + [False] * 2])
     kept = next_memory_mask(torch.ones(2, 3, dtype=torch.bool), segment_valid, 6)
     assert kept.tolist() == [[True] * 6, [True] * 4 + [False] * 2]
+
+
+@pytest.mark.parametrize("case", ["causal", "window", "padded", "bidirectional"])
+def test_explicit_attention_equals_sdpa(case):
+    """The bf16 CPU path gives SDPA's numbers for every kind of mask."""
+    generator = torch.Generator().manual_seed(0)
+    queries, keys, values = (torch.randn(2, 3, 10, 8, generator=generator) for _ in range(3))
+    key_valid = torch.tensor([[True] * 10, [True] * 7 + [False] * 3])
+    mask = {"causal": build_attention_mask(10, 10, causal=True),
+            "window": build_attention_mask(10, 10, causal=True, window=4),
+            "padded": build_attention_mask(10, 10, causal=True, key_valid=key_valid),
+            "bidirectional": build_attention_mask(10, 10, causal=False, key_valid=key_valid)}[case]
+    expected = torch.nn.functional.scaled_dot_product_attention(queries, keys, values, attn_mask=mask.allowed,
+                                                                is_causal=mask.is_causal)
+    torch.testing.assert_close(explicit_attention(queries, keys, values, mask), expected, atol=1e-5, rtol=1e-5)
+    low = [tensor.bfloat16() for tensor in (queries, keys, values)]
+    assert uses_explicit_attention(low[0], low[1], 0.0)
+    torch.testing.assert_close(explicit_attention(*low, mask).float(), expected, atol=0.05, rtol=0.05)
+    assert not uses_explicit_attention(queries, keys, 0.0)  # fp32 keeps the fused kernel
+    assert not uses_explicit_attention(low[0][:, :, :1], low[1], 0.0)  # so does one-token decoding
+
+
+def test_dropout_keeps_expectation_and_is_seeded():
+    dropout = Dropout(0.25).train()
+    hidden = torch.ones(200, 500, requires_grad=True)
+    torch.manual_seed(0)
+    first = dropout(hidden)
+    kept = first != 0
+    assert abs(kept.float().mean().item() - 0.75) < 0.01
+    torch.testing.assert_close(first[kept], torch.full_like(first[kept], 1 / 0.75))
+    first.sum().backward()
+    torch.testing.assert_close(hidden.grad, kept.float() / 0.75)  # the gradient goes through the kept ones
+    torch.manual_seed(0)
+    torch.testing.assert_close(dropout(hidden), first)
+    assert dropout.eval()(hidden) is hidden

@@ -33,6 +33,7 @@ from torch import nn
 from musefm.errors import MusefmError
 from musefm.models.base import TRANSFORMER_SIZES, PretrainedModel, config_from_presets, validate_transformer
 from musefm.modules.attention import build_attention_mask
+from musefm.modules.dropout import Dropout
 from musefm.modules.positions import RotaryEmbedding
 from musefm.modules.transformer import TransformerBlock, init_gpt2_weights
 
@@ -142,7 +143,7 @@ class MusicBERT(PretrainedModel):
         self.register_buffer("field_offsets", offsets, persistent=False)  # (F,)
         self.register_buffer("field_sizes", torch.tensor(sizes), persistent=False)  # (F,)
         self.field_embedding = nn.Embedding(sum(sizes), config.d_model)
-        self.embedding_dropout = nn.Dropout(config.dropout)
+        self.embedding_dropout = Dropout(config.dropout)
         head_dim = config.d_model // config.n_heads
         self.rotary = RotaryEmbedding(head_dim, config.rope_base) if config.position == "rope" else None
         self.blocks = nn.ModuleList(

@@ -29,6 +29,7 @@ from torch import nn
 from musefm.errors import MusefmError
 from musefm.models.base import TRANSFORMER_SIZES, PretrainedModel, config_from_presets, validate_transformer
 from musefm.modules.attention import KVCache, build_attention_mask
+from musefm.modules.dropout import Dropout
 from musefm.modules.positions import RotaryEmbedding
 from musefm.modules.transformer import TransformerBlock, init_gpt2_weights, next_memory, next_memory_mask
 
@@ -94,7 +95,7 @@ class MusicLM(PretrainedModel):
         self.config = config
         head_dim = config.d_model // config.n_heads
         self.token_embedding = nn.Embedding(config.vocab_size, config.d_model)
-        self.embedding_dropout = nn.Dropout(config.dropout)
+        self.embedding_dropout = Dropout(config.dropout)
         self.rotary = RotaryEmbedding(head_dim, config.rope_base) if config.position == "rope" else None
         self.blocks = nn.ModuleList(
             TransformerBlock(config.d_model, config.n_heads, config.d_ff, config.dropout, config.position,

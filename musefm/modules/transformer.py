@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from musefm.modules.attention import AttentionMask, KVCache, MultiHeadSelfAttention
+from musefm.modules.dropout import Dropout
 
 
 class MLP(nn.Module):
@@ -42,7 +43,7 @@ class TransformerBlock(nn.Module):
         self.attention = MultiHeadSelfAttention(d_model, n_heads, attention_dropout, position, max_relative, causal)
         self.mlp_norm = nn.LayerNorm(d_model)
         self.mlp = MLP(d_model, d_ff)
-        self.residual_dropout = nn.Dropout(dropout)
+        self.residual_dropout = Dropout(dropout)
 
     def residual_projections(self) -> list[nn.Linear]:
         """Layers that write into the residual stream (GPT-2 scales their init by 1/sqrt(2 n_layers))."""
