@@ -4,7 +4,7 @@ Collection classification (which music21 collection a piece comes from: Bach cho
 masses, Monteverdi madrigals, Trecento pieces) with 5%, 10%, 25% and 100% of the
 training labels, for three systems on the same architecture:
 
-- ``pretrained``: MusicBERT pretrained (masked Octuple modelling) on the training split, fine-tuned;
+- ``pretrained``: MusicBERT pretrained (masked Octuple modelling) on unlabelled pieces, fine-tuned;
 - ``probe``: the same pretrained backbone frozen, a linear head trained;
 - ``scratch``: the same architecture randomly initialised, fine-tuned fully for the same steps.
 
@@ -16,9 +16,12 @@ time signature, program and velocity to one value in every note (``--neutral-fie
 ``--neutral-fields none`` keeps them.
 
 Each cell is run over 3 seeds (the seed draws the labelled subset, the head and the batches); the
-metrics are macro-F1 and accuracy per piece on the test split. Pretraining sees the unlabelled
-training pieces only (never valid/test), bounded by ``--pretrain-minutes``; its model is cached in
-the work directory, so a re-run skips it (``--retrain`` forces it).
+metrics are macro-F1 and accuracy per piece on the test split. Pretraining reads the training split
+of a build of the same collections with ``--pretrain-limit`` files each (the full study: every file,
+about 1,900 pieces, 5x the labelled pool, as a foundation model sees far more music than labels).
+Splits follow each piece's note fingerprint, so that build's training split holds no valid or test
+piece of the labelled one. It is bounded by ``--pretrain-minutes``; its model is cached in the work
+directory, so a re-run skips it (``--retrain`` forces it).
 
 Run: ``python benchmarks/bench_finetune.py [--quick] [--work DIR] [--device cpu|cuda]``.
 Writes ``DIR/results.json`` and ``DIR/label_efficiency.png`` (macro-F1 vs label fraction).
@@ -49,18 +52,19 @@ SYSTEMS = ("pretrained", "probe", "scratch")
 SEEDS = (0, 1, 2)
 
 # Sizes: --quick uses a narrow 2-layer MusicBERT so 36 fine-tuning runs fit in ~2 minutes on 2 cores;
-# the full study reads 4x the pieces, pretrains a 4-layer model 8x longer and fine-tunes 5x longer
-# (about 40 minutes on 2 cores; a 256-wide model at 256 tokens would take ~4 hours there).
-QUICK = dict(limit=30, pretrain_minutes=1.5, pretrain_steps=100000, steps=20, batch_size=16, seq_len=128,
+# the full study labels 4x the pieces, pretrains a 4-layer model 20x longer on every file of the
+# collections and fine-tunes 5x longer (about 45 minutes on 2 cores; a 256-wide model at 256 tokens
+# would take ~4 hours there).
+QUICK = dict(limit=30, pretrain_limit=30, pretrain_minutes=1.5, pretrain_steps=100000, steps=20, batch_size=16, seq_len=128,
              model_settings=dict(d_model=128, n_layers=2, n_heads=4, d_ff=512, max_seq_len=128, max_relative=128))
-FULL = dict(limit=120, pretrain_minutes=12.0, pretrain_steps=100000, steps=100, batch_size=16, seq_len=128,
+FULL = dict(limit=120, pretrain_limit=0, pretrain_minutes=30.0, pretrain_steps=100000, steps=100, batch_size=16, seq_len=128,
             model_settings=dict(d_model=128, n_layers=4, n_heads=4, d_ff=512, max_seq_len=128, max_relative=128))
 
 
 def build(work: Path, limit: int, quiet) -> Path:
     from musefm.data.build import BuildConfig, build_dataset
 
-    out = work / f"data-{limit}"
+    out = work / f"data-{limit or 'all'}"
     # A generous test split: macro-F1 over a handful of test pieces per class is otherwise all noise.
     build_dataset(BuildConfig(sources=SOURCES, out=str(out), tokenizer="octuple", limit=limit, workers=2,
                               valid_fraction=0.1, test_fraction=0.25), stream=quiet)
@@ -153,7 +157,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small corpus and model (~2-3 minutes on 2 cores)")
     parser.add_argument("--work", default="runs/bench-finetune")
     parser.add_argument("--pretrain-minutes", type=float, default=None)
-    parser.add_argument("--limit", type=int, default=None, help="files read per source")
+    parser.add_argument("--limit", type=int, default=None, help="files read per source (labelled pool)")
+    parser.add_argument("--pretrain-limit", type=int, default=None,
+                        help="files read per source for pretraining (0: all)")
     parser.add_argument("--steps", type=int, default=None, help="fine-tuning steps per run")
     parser.add_argument("--retrain", action="store_true", help="pretrain again even if a cached model exists")
     parser.add_argument("--device", default="auto")
@@ -167,6 +173,8 @@ def main() -> None:
         sizes["pretrain_minutes"] = args.pretrain_minutes
     sizes["limit"] = args.limit or sizes["limit"]
     sizes["steps"] = args.steps or sizes["steps"]
+    if args.pretrain_limit is not None:
+        sizes["pretrain_limit"] = args.pretrain_limit
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     warnings.filterwarnings("ignore")
@@ -184,7 +192,11 @@ def main() -> None:
     print(f"data: {len(rows)} pieces from {', '.join(s.split(':')[1] for s in SOURCES)} (limit {sizes['limit']} "
           f"files each); per split: {json.dumps(counts)}  [{time.perf_counter() - started:.0f}s]")
 
-    pretrained, info = pretrain(work, data, sizes, args, quiet)
+    unlabelled = data if sizes["pretrain_limit"] == sizes["limit"] else build(work, sizes["pretrain_limit"], quiet)
+    if unlabelled != data:
+        print(f"pretraining corpus: {len(open_dataset(unlabelled).rows('train'))} training pieces "
+              f"({sizes['pretrain_limit'] or 'all'} files per collection)  [{time.perf_counter() - started:.0f}s]")
+    pretrained, info = pretrain(work, unlabelled, sizes, args, quiet)
     print(f"pretrain: music-bert {sizes['model_settings']}, {info['steps']} steps in {info['seconds']:.0f}s "
           f"(valid loss {info['valid_loss']}){' [cached]' if info.get('cached') else ''}  "
           f"[{time.perf_counter() - started:.0f}s]")
