@@ -106,20 +106,6 @@ def test_resume_equals_uninterrupted(long_pieces, tmp_path):
         torch.testing.assert_close(whole[name], resumed[name], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("loader", [{"loader_threads": 2}, {"loader_processes": 2}])
-def test_loader_threads_and_processes_train_exactly_as_serial_loading(long_pieces, tmp_path, loader):
-    data, _ = long_pieces
-    # 143 training windows in batches of 48: the 6 steps span two epochs (a process must follow the epoch).
-    pretrain(_config(data, tmp_path / "serial", batch_size=48), stream=open(os.devnull, "w"))
-    pretrain(_config(data, tmp_path / "pooled", batch_size=48, **loader), stream=open(os.devnull, "w"))
-    serial = load_file(str(tmp_path / "serial" / "checkpoints" / "step-00000006" / "model.safetensors"))
-    pooled = load_file(str(tmp_path / "pooled" / "checkpoints" / "step-00000006" / "model.safetensors"))
-    for name in serial:
-        torch.testing.assert_close(pooled[name], serial[name], rtol=0, atol=0)
-    with pytest.raises(MusefmError, match="choose one"):
-        TrainConfig(loader_threads=1, loader_processes=1).validate()
-
-
 def _cli(*args, env=None, **kwargs):
     command = [sys.executable, "-m", "musefm", *args]
     return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300, **kwargs)

@@ -54,18 +54,13 @@ class TrainConfig:
     # Worth it when items are costly (audio decoding and augmentation); results do not change,
     # since every item's randomness comes from (seed, epoch, index).
     loader_threads: int = 0
-    # Processes instead of threads (0 = none): for items whose Python work holds the GIL, on machines
-    # with cores to spare (a GPU host). Forked, so the dataset is inherited, not pickled (Linux/macOS).
-    loader_processes: int = 0
 
     def validate(self) -> None:
         for name in ("max_steps", "batch_size", "grad_accum", "eval_every", "save_every", "log_every", "keep_last"):
             if getattr(self, name) < 1:
                 raise MusefmError(f"train.{name} must be >= 1")
-        if self.loader_threads < 0 or self.loader_processes < 0:
-            raise MusefmError("train.loader_threads and train.loader_processes must be >= 0")
-        if self.loader_threads and self.loader_processes:
-            raise MusefmError("train.loader_threads and train.loader_processes: choose one")
+        if self.loader_threads < 0:
+            raise MusefmError("train.loader_threads must be >= 0")
         if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1 or self.warmup_steps < 0:
             raise MusefmError("train.lr must be > 0, train.min_lr_ratio in [0, 1], train.warmup_steps >= 0")
 
@@ -162,21 +157,6 @@ class _LossModule(nn.Module):
         return self.model.loss(batch, memory=memory, memory_mask=memory_mask)
 
 
-_process_dataset = None  # the training dataset inside a loader process
-
-
-def _start_loader_process(dataset) -> None:
-    global _process_dataset
-    _process_dataset = dataset
-    torch.set_num_threads(1)  # several loader processes share the cores; one thread each
-
-
-def _load_in_process(epoch_and_index: tuple[int, int]) -> dict:
-    epoch, index = epoch_and_index
-    _process_dataset.set_epoch(epoch)
-    return _process_dataset[index]
-
-
 def _to_device(batch: dict, device: torch.device) -> dict:
     return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
 
@@ -218,16 +198,10 @@ class Trainer:
         self.logger = RunLogger(self.run_dir, enabled=self.context.is_main, total_steps=config.max_steps, stream=stream)
         self.prefetch = None  # ((epoch, batch number), future of its micro-batches)
         self.item_pool = self.prefetch_pool = None
-        self.loads_in_processes = config.loader_processes > 0 and not self.uses_memory
-        if (config.loader_threads > 0 or self.loads_in_processes) and not self.uses_memory:
-            import multiprocessing
-            from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+        if config.loader_threads > 0 and not self.uses_memory:
+            from concurrent.futures import ThreadPoolExecutor
 
-            if self.loads_in_processes:
-                self.item_pool = ProcessPoolExecutor(config.loader_processes, multiprocessing.get_context("fork"),
-                                                     initializer=_start_loader_process, initargs=(train_data,))
-            else:
-                self.item_pool = ThreadPoolExecutor(config.loader_threads)
+            self.item_pool = ThreadPoolExecutor(config.loader_threads)
             self.prefetch_pool = ThreadPoolExecutor(1)
 
     # ---- state -------------------------------------------------------------------------
@@ -277,9 +251,6 @@ class Trainer:
 
     def _micro_batches(self, indices: list[int]) -> list[dict]:
         chunks = [indices[i::self.config.grad_accum] for i in range(self.config.grad_accum)]
-        if self.loads_in_processes:  # a process has its own copy of the dataset: it is told the epoch
-            return [collate(list(self.item_pool.map(_load_in_process, [(self.epoch, i) for i in chunk])))
-                    for chunk in chunks if chunk]
         load = self.item_pool.map if self.item_pool is not None else map
         return [collate(list(load(self.train_data.__getitem__, chunk))) for chunk in chunks if chunk]
 
