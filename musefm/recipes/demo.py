@@ -39,7 +39,7 @@ def demo_pretrain_config(data_dir: Path, run_dir: Path, quick: bool):
                             save_every=6, log_every=3)
         return PretrainConfig(model="music-lm", preset="debug", data=str(data_dir), out=str(run_dir), seq_len=64,
                               window="bar", augment=AugmentConfig(transpose=6), train=train)
-    # About 5 minutes on a 2-core CPU (bf16 autocast, ~6,000 tokens/s); the time limit is a safety net
+    # About 3 minutes on a 2-core CPU (bf16 autocast, ~7,800 tokens/s); the time limit is a safety net
     # on slower machines, the step count lets the cosine schedule finish.
     train = TrainConfig(max_steps=400, max_minutes=7.0, batch_size=16, lr=1e-3, warmup_steps=40, eval_every=100,
                         eval_batches=8, save_every=100, log_every=10)
