@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import traceback
 from pathlib import Path
@@ -177,8 +176,7 @@ def _render(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     jobs = [RenderJob(Path(path), out / f"{Path(path).stem}.wav", args.soundfont, args.program) for path in args.inputs]
-    with open(os.devnull, "w") as devnull, Progress(len(jobs), "render",
-                                                     stream=sys.stderr if len(jobs) > 1 else devnull) as bar:
+    with Progress(len(jobs), "render", quiet=len(jobs) == 1) as bar:
         failures = render_batch(jobs, sample_rate=args.sample_rate, workers=args.workers, progress=bar)
     problems = [reason for reason in failures if reason]
     if len(jobs) == 1 and problems:

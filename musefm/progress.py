@@ -9,19 +9,24 @@ import time
 class Progress:
     """``with Progress(total, "build") as bar: bar.update(1, kept=..)`` shows count, rate and ETA."""
 
-    def __init__(self, total: int, description: str, unit: str = "file", log_every_s: float = 10.0, stream=None):
+    def __init__(self, total: int, description: str, unit: str = "file", log_every_s: float = 10.0, stream=None,
+                 quiet: bool = False):
+        """``quiet``: count without showing anything (e.g. one file, whose result is the whole output)."""
         self.total, self.description, self.unit = total, description, unit
         self.stream = stream or sys.stderr
+        self.quiet = quiet
         self.count, self.start = 0, time.monotonic()
         self.log_every_s, self.last_log = log_every_s, self.start
         self.bar = None
-        if getattr(self.stream, "isatty", lambda: False)():
+        if not quiet and getattr(self.stream, "isatty", lambda: False)():
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, desc=description, unit=unit, file=self.stream, dynamic_ncols=True)
 
     def update(self, n: int = 1, **fields) -> None:
         self.count += n
+        if self.quiet:
+            return
         if self.bar is not None:
             self.bar.update(n)
             if fields:

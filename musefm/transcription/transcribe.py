@@ -13,7 +13,6 @@ Without ``--model`` the small piano model shipped inside the package is used.
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,8 +137,7 @@ def transcribe_paths(paths: list[Path], out: Path, model=None, sonify: bool = Fa
     done, rejected = [], []
     audio_seconds = taken = 0.0
     # One file needs no progress lines: its result (or its one-line error) is the whole output.
-    with open(os.devnull, "w") as devnull, Progress(len(paths), "transcribe",
-                                                     stream=stream if len(paths) > 1 else devnull) as bar:
+    with Progress(len(paths), "transcribe", stream=stream, quiet=len(paths) == 1) as bar:
         for path, stem in zip(paths, _unique_stems(paths)):
             try:
                 result = transcribe_file(model, Path(path), decode)
