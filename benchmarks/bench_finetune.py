@@ -55,10 +55,10 @@ SEEDS = (0, 1, 2)
 # the full study labels 4x the pieces, pretrains a 4-layer model 20x longer on every file of the
 # collections and fine-tunes 5x longer (about 45 minutes on 2 cores; a 256-wide model at 256 tokens
 # would take ~4 hours there).
-QUICK = dict(limit=30, pretrain_limit=30, pretrain_minutes=1.5, pretrain_steps=100000, steps=20, batch_size=16, seq_len=128,
-             model_settings=dict(d_model=128, n_layers=2, n_heads=4, d_ff=512, max_seq_len=128, max_relative=128))
-FULL = dict(limit=120, pretrain_limit=0, pretrain_minutes=30.0, pretrain_steps=100000, steps=100, batch_size=16, seq_len=128,
-            model_settings=dict(d_model=128, n_layers=4, n_heads=4, d_ff=512, max_seq_len=128, max_relative=128))
+QUICK = dict(limit=30, pretrain_limit=30, pretrain_minutes=1.5, pretrain_steps=100000, steps=20, batch_size=16,
+             seq_len=128, model_settings=dict(d_model=128, n_layers=2, n_heads=4, d_ff=512, max_seq_len=128, max_relative=128))
+FULL = dict(limit=120, pretrain_limit=0, pretrain_minutes=30.0, pretrain_steps=100000, steps=100, batch_size=16,
+            seq_len=128, model_settings=dict(d_model=128, n_layers=4, n_heads=4, d_ff=512, max_seq_len=128, max_relative=128))
 
 
 def build(work: Path, limit: int, quiet) -> Path:
@@ -192,8 +192,9 @@ def main() -> None:
     print(f"data: {len(rows)} pieces from {', '.join(s.split(':')[1] for s in SOURCES)} (limit {sizes['limit']} "
           f"files each); per split: {json.dumps(counts)}  [{time.perf_counter() - started:.0f}s]")
 
-    unlabelled = data if sizes["pretrain_limit"] == sizes["limit"] else build(work, sizes["pretrain_limit"], quiet)
-    if unlabelled != data:
+    unlabelled = data
+    if sizes["pretrain_limit"] != sizes["limit"]:
+        unlabelled = build(work, sizes["pretrain_limit"], quiet)
         print(f"pretraining corpus: {len(open_dataset(unlabelled).rows('train'))} training pieces "
               f"({sizes['pretrain_limit'] or 'all'} files per collection)  [{time.perf_counter() - started:.0f}s]")
     pretrained, info = pretrain(work, unlabelled, sizes, args, quiet)
@@ -233,8 +234,8 @@ def main() -> None:
              f"neutral: {','.join(args.neutral_fields) or 'none'}"
              f"{' (--quick)' if args.quick else ''}")
     picture = plot(results, work / "label_efficiency.png", title)
-    record = {"quick": args.quick, "neutral_fields": args.neutral_fields, "sizes": sizes, "sources": SOURCES, "pretrain": info, "split": split,
-              "test_pieces": test_pieces, "train_pieces": train_pieces, "results": results}
+    record = {"quick": args.quick, "neutral_fields": args.neutral_fields, "sizes": sizes, "sources": SOURCES,
+              "pretrain": info, "split": split, "test_pieces": test_pieces, "train_pieces": train_pieces, "results": results}
     (work / "results.json").write_text(json.dumps(record, indent=2, default=str))
     print(f"wrote {work / 'results.json'} and {picture}  [total {time.perf_counter() - started:.0f}s]")
 

@@ -216,7 +216,6 @@ class AudioAugmentConfig:
             raise MusefmError("AudioAugmentConfig.reverb_rt60_seconds must be positive and reverb_wet within [0, 1]")
 
 
-
 def augment(audio: np.ndarray, sample_rate: int, notes: np.ndarray, config: AudioAugmentConfig,
             rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Apply each augmentation with its probability, in a fixed order: pitch, tempo, EQ, reverb,

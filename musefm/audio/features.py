@@ -52,7 +52,6 @@ class MelConfig:
             raise MusefmError(f"MelConfig.log_floor must be positive, got {self.log_floor}")
 
 
-
 def hz_to_mel(hz):
     """Slaney mel scale (librosa's default, htk=False); works on floats and numpy arrays."""
     hz = np.asarray(hz, dtype=np.float64)

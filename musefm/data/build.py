@@ -288,8 +288,8 @@ def build_dataset(config: BuildConfig, overwrite: bool = False, stream=None) -> 
     out = Path(config.out)
     items = _select_items(config)  # bad source specs fail here, before any file is touched
     prepare_output(out, config.identity(), overwrite)
-    (out / "shards").mkdir(exist_ok=True)
     shard_dir = out / "shards"
+    shard_dir.mkdir(exist_ok=True)
 
     base_tokenizer_path = out / "tokenizer.base.json"
     if not base_tokenizer_path.exists():
