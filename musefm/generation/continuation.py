@@ -29,6 +29,7 @@ from symusic import Score
 from musefm.data.dataset import EOS
 from musefm.data.tokenize import bar_token_ids
 from musefm.errors import MusefmError
+from musefm.generation.sampling import constrain_logits, sample, token_decoder
 
 CHUNK_TOKENS = 64  # bars/seconds rules: new tokens drawn between two checks of the rule
 HARD_CAP_CONTEXTS = 16  # bars/seconds rules: at most this many training contexts of new tokens
@@ -159,13 +160,12 @@ def _seconds_cut(tokenizer, prompt: list[int], new_ids: list[int], seconds: floa
 
 
 def _sample_one(model, tokenizer, prompt: torch.Tensor, seed: int, max_tokens: int, bars: int, seconds: float,
-                temperature: float, top_k: int, top_p: float, constraint) -> tuple[list[int], list[float], str]:
-    from musefm.generation.sampling import sample
-
+                temperature: float, top_k: int, top_p: float, constraint,
+                decoder) -> tuple[list[int], list[float], str]:
     window = model.config.max_seq_len
     if not (bars or seconds):
         tokens, log_probs = sample(model, prompt, max_tokens, temperature, top_k, top_p, seed, window=window,
-                                   constraint=constraint)
+                                   constraint=constraint, decoder=decoder)
         stopped = "eos" if len(tokens) and int(tokens[-1]) == EOS else "max_tokens"
         return tokens.tolist(), log_probs.tolist(), stopped
 
@@ -179,7 +179,7 @@ def _sample_one(model, tokenizer, prompt: torch.Tensor, seed: int, max_tokens: i
         context = torch.tensor(prompt_list + new_ids, dtype=torch.long)
         tokens, log_probs = sample(model, context, min(CHUNK_TOKENS, limit - len(new_ids)), temperature, top_k,
                                    top_p, _chunk_seed(seed, chunk), stop_at_eos=False, window=window,
-                                   constraint=hold_end)
+                                   constraint=hold_end, decoder=decoder)
         new_ids += tokens.tolist()
         new_log_probs += log_probs.tolist()
         chunk += 1
@@ -209,17 +209,18 @@ def generate_samples(model, tokenizer, prompt_ids, *, num_samples: int = 1, max_
     if not (max_tokens or bars or seconds):
         max_tokens = DEFAULT_MAX_TOKENS
     model.eval()
+    decoder = token_decoder(model)  # one for every sample and chunk
     runs = []
     if beam:
         if bars or seconds:
             raise MusefmError("beam: beam search stops on max_tokens only; bars and seconds need sampling")
         for tokens, _ in beam_search(model, prompt, beam, max_tokens, length_penalty=1.0, constraint=constraint)[:num_samples]:
             # Per-token log-probabilities of the chosen beam, under the same (constrained) distribution.
-            runs.append((tokens.tolist(), _score_tokens(model, prompt, tokens, constraint), None))
+            runs.append((tokens.tolist(), _score_tokens(model, prompt, tokens, constraint, decoder), None))
     else:
         for k in range(num_samples):
             tokens, log_probs, stopped = _sample_one(model, tokenizer, prompt, seed + k, max_tokens, bars, seconds,
-                                                     temperature, top_k, top_p, constraint)
+                                                     temperature, top_k, top_p, constraint, decoder)
             runs.append((tokens, log_probs, (stopped, seed + k)))
     samples = []
     for tokens, log_probs, sampled in runs:
@@ -230,15 +231,12 @@ def generate_samples(model, tokenizer, prompt_ids, *, num_samples: int = 1, max_
     return samples
 
 
-def _score_tokens(model, prompt: torch.Tensor, tokens: torch.Tensor, constraint) -> list[float]:
+def _score_tokens(model, prompt: torch.Tensor, tokens: torch.Tensor, constraint, decoder) -> list[float]:
     """Log-probabilities of ``tokens`` after ``prompt``, restricted to the allowed tokens when constrained."""
-    from musefm.generation.sampling import constrain_logits, token_decoder
-
     window = model.config.max_seq_len
     cache = model.init_cache(1, max_length=window)
     device = next(model.parameters()).device
     logits = model(prompt[-window:].to(device).unsqueeze(0), cache=cache).logits[:, -1]  # (1, V)
-    decode_step = token_decoder(model)
     state = constraint.start(prompt) if constraint is not None else None
     log_probs = []
     for token in tokens.tolist():
@@ -247,7 +245,7 @@ def _score_tokens(model, prompt: torch.Tensor, tokens: torch.Tensor, constraint)
             logits = constrain_logits(logits, constraint, [state])
             state = constraint.advance(state, token)
         log_probs.append(float(torch.log_softmax(logits, dim=-1)[0, token]))
-        logits = decode_step(torch.tensor([token], device=device), cache)  # (1, V)
+        logits = decoder(torch.tensor([token], device=device), cache)  # (1, V)
     return log_probs
 
 

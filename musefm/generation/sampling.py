@@ -57,7 +57,7 @@ def token_decoder(model):
 @torch.no_grad()
 def sample_batch(model, prompt: torch.Tensor, num_samples: int, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int = 0, top_p: float = 1.0, seed: int = 0, stop_at_eos: bool = True,
-                 window: int | None = None, constraint=None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+                 window: int | None = None, constraint=None, decoder=None) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``num_samples`` continuations of ``prompt`` (T,), drawn together; per row (new tokens (N,), log-probs (N,)).
 
     The cache keeps the last ``window`` positions (default: the model's training context).
@@ -65,6 +65,8 @@ def sample_batch(model, prompt: torch.Tensor, num_samples: int, max_new_tokens: 
     reads the whole prompt, even the part that falls outside the window. Log-probs are those of the
     model's distribution before temperature and top-k/top-p, restricted to the allowed tokens when
     constrained. With ``stop_at_eos`` a row ends at its EOS (included) and the batch ends once all have.
+    ``decoder``: ``token_decoder(model)`` made once by a caller that samples many times (making one
+    transposes the weights).
     """
     model.eval()
     device = next(model.parameters()).device
@@ -74,7 +76,7 @@ def sample_batch(model, prompt: torch.Tensor, num_samples: int, max_new_tokens: 
     generator = torch.Generator(device=device).manual_seed(seed)
     cache = model.init_cache(num_samples, max_length=window)
     logits = model(context, cache=cache).logits[:, -1]  # (B, V)
-    decode_step = token_decoder(model)
+    decode_step = decoder or token_decoder(model)
     tokens, log_probs = [], []  # per step (B,)
     lengths = torch.full((num_samples,), max_new_tokens)  # (B,) tokens kept per row
     finished = torch.zeros(num_samples, dtype=torch.bool)  # (B,)
@@ -105,11 +107,12 @@ def sample_batch(model, prompt: torch.Tensor, num_samples: int, max_new_tokens: 
 
 def sample(model, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
            top_p: float = 1.0, seed: int = 0, stop_at_eos: bool = True, window: int | None = None,
-           constraint=None):
+           constraint=None, decoder=None):
     """Continue ``prompt`` (T,) by up to ``max_new_tokens``; returns (new tokens (N,), log-probs (N,)).
 
     The cache keeps the last ``window`` positions (default: the model's training context).
     ``constraint``: a ``GrammarConstraint``; tokens it forbids get -inf before filtering.
+    ``decoder``: as in ``sample_batch``.
     """
     return sample_batch(model, prompt, 1, max_new_tokens, temperature, top_k, top_p, seed, stop_at_eos,
-                        window, constraint)[0]
+                        window, constraint, decoder)[0]
