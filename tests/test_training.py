@@ -106,11 +106,13 @@ def test_resume_equals_uninterrupted(long_pieces, tmp_path):
         torch.testing.assert_close(whole[name], resumed[name], rtol=0, atol=0)
 
 
-def test_loader_threads_train_exactly_as_serial_loading(long_pieces, tmp_path):
+@pytest.mark.parametrize("threads", [2, 60])
+def test_loader_threads_train_exactly_as_serial_loading(long_pieces, tmp_path, threads):
     data, _ = long_pieces
-    # 143 training windows in batches of 48: the 6 steps span two epochs, prefetching included.
+    # 143 training windows in batches of 48: the 6 steps span two epochs, prefetching included
+    # (60 threads keep 3 batches in flight: the prefetch reaches each epoch's end).
     pretrain(_config(data, tmp_path / "serial", batch_size=48), stream=open(os.devnull, "w"))
-    pretrain(_config(data, tmp_path / "threads", batch_size=48, loader_threads=2), stream=open(os.devnull, "w"))
+    pretrain(_config(data, tmp_path / "threads", batch_size=48, loader_threads=threads), stream=open(os.devnull, "w"))
     serial = load_file(str(tmp_path / "serial" / "checkpoints" / "step-00000006" / "model.safetensors"))
     threaded = load_file(str(tmp_path / "threads" / "checkpoints" / "step-00000006" / "model.safetensors"))
     for name in serial:

@@ -196,13 +196,16 @@ class Trainer:
             if config.grad_accum != 1:
                 raise MusefmError("train.grad_accum must be 1 for a model with memory (memory_len > 0)")
         self.logger = RunLogger(self.run_dir, enabled=self.context.is_main, total_steps=config.max_steps, stream=stream)
-        self.prefetch = None  # ((epoch, batch number), future of its micro-batches)
-        self.item_pool = self.prefetch_pool = None
+        # (epoch, batch number) -> futures of its items, one list per micro-batch. Enough batches are
+        # kept in flight for two items per thread, so no thread idles at the tail of a batch.
+        self.prefetch: dict[tuple[int, int], list[list]] = {}
+        self.item_pool = None
+        self.prefetch_depth = 0
         if config.loader_threads > 0 and not self.uses_memory:
             from concurrent.futures import ThreadPoolExecutor
 
             self.item_pool = ThreadPoolExecutor(config.loader_threads)
-            self.prefetch_pool = ThreadPoolExecutor(1)
+            self.prefetch_depth = max(1, math.ceil(2 * config.loader_threads / config.batch_size))
 
     # ---- state -------------------------------------------------------------------------
 
@@ -249,24 +252,25 @@ class Trainer:
         return order(data, self.config.batch_size, self.config.seed, self.epoch, self.context.rank,
                      self.context.world_size)
 
-    def _micro_batches(self, indices: list[int]) -> list[dict]:
-        chunks = [indices[i::self.config.grad_accum] for i in range(self.config.grad_accum)]
-        load = self.item_pool.map if self.item_pool is not None else map
-        return [collate(list(load(self.train_data.__getitem__, chunk))) for chunk in chunks if chunk]
+    def _micro_chunks(self, indices: list[int]) -> list[list[int]]:
+        return [chunk for chunk in (indices[i::self.config.grad_accum] for i in range(self.config.grad_accum)) if chunk]
 
     def _batch(self, batches: EpochBatches) -> list[dict]:
-        """This step's micro-batches: prefetched during the previous step when loader threads are on;
-        then the next batch of the same epoch starts loading (the dataset's epoch stays the same)."""
+        """This step's micro-batches. With loader threads, the next ``prefetch_depth`` batches of the
+        same epoch load while this one trains (never past the epoch's end: items read the dataset's
+        epoch, which changes only between epochs)."""
         key = (self.epoch, self.batch_in_epoch)
-        if self.prefetch is not None and self.prefetch[0] == key:
-            micro = self.prefetch[1].result()
-        else:
-            micro = self._micro_batches(batches.rank_indices(self.batch_in_epoch))
-        self.prefetch = None
-        if self.prefetch_pool is not None and self.batch_in_epoch + 1 < len(batches):
-            upcoming = batches.rank_indices(self.batch_in_epoch + 1)
-            self.prefetch = ((self.epoch, self.batch_in_epoch + 1), self.prefetch_pool.submit(self._micro_batches, upcoming))
-        return micro
+        if self.item_pool is None:
+            return [collate([self.train_data[i] for i in chunk])
+                    for chunk in self._micro_chunks(batches.rank_indices(self.batch_in_epoch))]
+        if any(epoch != self.epoch for epoch, _ in self.prefetch):  # stale (a resume, a new epoch)
+            self.prefetch.clear()
+        for number in range(self.batch_in_epoch, min(len(batches), self.batch_in_epoch + 1 + self.prefetch_depth)):
+            if (self.epoch, number) not in self.prefetch:
+                self.prefetch[(self.epoch, number)] = [
+                    [self.item_pool.submit(self.train_data.__getitem__, i) for i in chunk]
+                    for chunk in self._micro_chunks(batches.rank_indices(number))]
+        return [collate([future.result() for future in chunk]) for chunk in self.prefetch.pop(key)]
 
     def train_step(self, batches: EpochBatches) -> dict:
         """One optimizer step over this rank's share of global batch ``batch_in_epoch``."""
@@ -389,9 +393,8 @@ class Trainer:
             self.logger.message(f"interrupted at step {self.step}: checkpoint saved to {path}")
             raise
         finally:
-            for pool in (self.item_pool, self.prefetch_pool):
-                if pool is not None:
-                    pool.shutdown(wait=True, cancel_futures=True)
+            if self.item_pool is not None:
+                self.item_pool.shutdown(wait=True, cancel_futures=True)
             if self.context.is_main:
                 plot_loss_curve(self.run_dir)
             self.logger.close()
