@@ -4,25 +4,33 @@ A device run can carry at most 64 MiB of files, so the recipe's dataset (19 h of
 ~50 MB: pieces of the training split in a seeded random order, one soundfont each (alternating
 timgm6mb / fluidr3), re-encoded as OGG Vorbis, plus 8 validation examples. Usage:
 
-    python scripts/gpu_subset.py data/piano-audio .gpudata/piano-ogg [SEED [MAX_MB]]
+    python scripts/gpu_subset.py data/piano-audio .gpudata/piano-ogg [SEED [MAX_MB [PROGRAMS]]]
 
 The shipped model was trained on SEED 0's subset, then fine-tuned on SEED 1's (another draw of
 pieces, the other soundfont first) with MAX_MB 43: the last pieces are dropped until the folder's
 audio (train + valid) is at most that size, so the tree still fits a device transfer.
+
+PROGRAMS (e.g. 0,1,2,3: acoustic grand, bright, electric grand, honky-tonk) re-renders the training
+pieces' MIDI with General MIDI programs taken in turn, for timbres beyond the two soundfonts' grand
+piano; the notes stay those of the MIDI that was rendered. The 2026-11-26 run used seed 3, 34 MB and
+programs 0,1,2,3 (after seed 2 at 34 MB with the piano alone).
 """
 import json
 import random
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import soundfile as sf
 
 from musefm.audio.io import load_audio
+from musefm.audio.render import render_midi, with_program
 
 src, dst = Path(sys.argv[1]), Path(sys.argv[2])
 seed = int(sys.argv[3]) if len(sys.argv) > 3 else 0
 max_bytes = float(sys.argv[4]) * 1e6 if len(sys.argv) > 4 else float("inf")
+programs = [int(p) for p in sys.argv[5].split(",")] if len(sys.argv) > 5 else [0]
 if dst.exists():
     shutil.rmtree(dst)
 (dst / "audio").mkdir(parents=True)
@@ -34,10 +42,19 @@ pieces = sorted({r["piece"] for r in train})
 rng.shuffle(pieces)
 budget, used, out = 50e6, 0, []
 for number, piece in enumerate(pieces):
-    font = ("timgm6mb", "fluidr3")[(number + seed) % 2]
+    font = ("timgm6mb", "fluidr3")[(number // len(programs) + seed) % 2]
+    program = programs[number % len(programs)]
     row = next(r for r in train if r["piece"] == piece and r["soundfont"] == font)
-    audio, sr = load_audio(src / row["audio"])
     stem = Path(row["audio"]).stem
+    if program == 0:
+        audio, sr = load_audio(src / row["audio"])
+    else:  # the same performance on another instrument: same notes, new audio
+        with tempfile.TemporaryDirectory() as scratch:
+            midi = with_program(src / row["midi"], program, Path(scratch))
+            wav = render_midi(midi, Path(scratch) / "out.wav", soundfont=font, sample_rate=16000)
+            audio, sr = load_audio(wav, sample_rate=16000)
+        stem = f"{stem}-p{program}"
+        row = dict(row, id=f"{row['id']}@program{program}", program=program)
     sf.write(dst / "audio" / f"{stem}.ogg", audio, sr, format="OGG", subtype="VORBIS")
     size = (dst / "audio" / f"{stem}.ogg").stat().st_size
     shutil.copy(src / row["notes"], dst / "notes" / Path(row["notes"]).name)
