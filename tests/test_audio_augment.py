@@ -4,17 +4,19 @@ from scipy import signal as scipy_signal
 
 from musefm.config import from_dict, to_dict
 from musefm.audio.augment import (
-    AudioAugmentConfig, _biquad, _phase_vocoder, add_noise, add_reverb, apply_gain, augment, pitch_shift, random_eq,
-    time_stretch,
+    AudioAugmentConfig, _biquad, _phase_vocoder, add_noise, add_reverb, apply_gain, augment, detune, pitch_shift,
+    random_eq, random_lowpass, time_stretch,
 )
 from musefm.errors import MusefmError
 
 SR = 16000
 NOTES = np.array([[0.10, 0.50, 69.0, 80.0], [0.20, 0.90, 100.0, 64.0], [0.30, 0.40, 22.0, 100.0]])
 NO_AUGMENTATION = AudioAugmentConfig(pitch_shift_probability=0.0, time_stretch_probability=0.0, eq_probability=0.0,
-                                     reverb_probability=0.0, gain_probability=0.0, noise_probability=0.0)
+                                     reverb_probability=0.0, gain_probability=0.0, noise_probability=0.0,
+                                     detune_probability=0.0, lowpass_probability=0.0)
 ALWAYS = AudioAugmentConfig(pitch_shift_probability=1.0, time_stretch_probability=1.0, eq_probability=1.0,
-                            reverb_probability=1.0, gain_probability=1.0, noise_probability=1.0)
+                            reverb_probability=1.0, gain_probability=1.0, noise_probability=1.0,
+                            detune_probability=1.0, lowpass_probability=1.0)
 
 
 def sine(frequency, seconds, amplitude=0.5):
@@ -107,6 +109,40 @@ def test_random_eq_is_seeded_and_bounded():
     assert first.shape == audio.shape and np.isfinite(first).all() and np.max(np.abs(first)) <= 1.0
 
 
+@pytest.mark.parametrize("cents", [30.0, -45.0])
+def test_detune_moves_the_tone_by_cents_and_rescales_time_not_keys(cents):
+    audio = sine(440, 2.0)
+    retuned, notes = detune(audio, SR, NOTES, cents)
+    factor = 2 ** (cents / 1200)
+    assert retuned.shape == audio.shape and retuned.dtype == np.float32
+    assert abs(peak_frequency(retuned[: int(1.9 * SR)]) - 440 * factor) < 1.0  # 0.5 Hz bins; 30 cents = 7.7 Hz
+    np.testing.assert_allclose(notes[:, :2], NOTES[:, :2] / factor)
+    np.testing.assert_array_equal(notes[:, 2:], NOTES[:, 2:])  # same keys, same velocities
+    # A click at 1 s is heard at 1 / factor seconds, where the notes' times moved.
+    click = np.zeros(SR * 2, dtype=np.float32)
+    click[SR] = 1.0
+    moved, _ = detune(click, SR, NOTES, cents)
+    assert abs(np.argmax(np.abs(moved)) / SR - 1.0 / factor) < 2e-4
+    with pytest.raises(MusefmError, match="cents"):
+        detune(audio, SR, NOTES, 60.0)
+
+
+def test_random_lowpass_removes_what_lies_above_its_cutoff():
+    noise = np.random.default_rng(0).uniform(-0.5, 0.5, SR * 2).astype(np.float32)
+    dull = random_lowpass(noise, SR, np.random.default_rng(3), cutoff_hz=(1000.0, 1000.0))
+    assert np.array_equal(dull, random_lowpass(noise, SR, np.random.default_rng(3), cutoff_hz=(1000.0, 1000.0)))
+    spectrum_in, spectrum_out = (np.abs(np.fft.rfft(x.astype(np.float64))) ** 2 for x in (noise, dull))
+    freqs = np.fft.rfftfreq(len(noise), 1 / SR)
+
+    def gain_db(low, high):
+        band = (freqs >= low) & (freqs < high)
+        return 10 * np.log10(spectrum_out[band].sum() / spectrum_in[band].sum())
+
+    assert gain_db(100, 600) > -1.0  # the pass band is kept
+    assert gain_db(3000, 7000) < -40.0  # order 4 or 8: at least 24 dB/octave past 1 kHz
+    assert dull.shape == noise.shape and np.max(np.abs(dull)) <= 1.0
+
+
 def test_reverb_decays_at_the_requested_rt60():
     impulse = np.zeros(SR, dtype=np.float32)
     impulse[1600] = 1.0
@@ -140,3 +176,7 @@ def test_augment_config_validation_and_round_trip():
         AudioAugmentConfig(pitch_shift_semitones=(-13, 2))
     with pytest.raises(MusefmError, match="time_stretch_rate"):
         AudioAugmentConfig(time_stretch_rate=(1.2, 0.9))
+    with pytest.raises(MusefmError, match="detune_cents"):
+        AudioAugmentConfig(detune_cents=(-60.0, 10.0))
+    with pytest.raises(MusefmError, match="lowpass_cutoff_hz"):
+        AudioAugmentConfig(lowpass_cutoff_hz=(0.0, 1000.0))

@@ -1,7 +1,7 @@
 """Audio augmentation that keeps note labels true.
 
-Pitch shift and time stretch move the notes with the audio; gain, noise, EQ and reverb leave them
-as they are. Every function is deterministic given its arguments (randomness only through the
+Pitch shift and time stretch move the notes with the audio; detuning (less than half a semitone)
+rescales their times only; gain, noise, EQ, low-pass and reverb leave them as they are. Every function is deterministic given its arguments (randomness only through the
 ``np.random.Generator`` passed in), returns float32 within [-1, 1] (rescaled, never clipped),
 and never produces NaN.
 """
@@ -21,6 +21,7 @@ from musefm.errors import MusefmError
 
 PIANO_LOWEST_PITCH, PIANO_HIGHEST_PITCH = 21, 108  # A0..C8: notes shifted outside are dropped
 MAX_SEMITONES = 12
+MAX_DETUNE_CENTS = 49.0  # beyond half a semitone the nearest key, hence the label, would change
 STRETCH_RATE_LIMITS = (0.25, 4.0)
 
 
@@ -114,6 +115,37 @@ def pitch_shift(audio: np.ndarray, sample_rate: int, notes: np.ndarray, semitone
     return _keep_in_range(_fit_length(shifted, len(audio))), notes[in_range]
 
 
+def detune(audio: np.ndarray, sample_rate: int, notes: np.ndarray, cents: float) -> tuple[np.ndarray, np.ndarray]:
+    """Retune by a fraction of a semitone, as a piano tuned to another A or a tape played a little
+    fast or slow: the audio is read as if recorded at ``sample_rate * factor``, which raises every
+    frequency by ``cents`` and shortens time by the same factor. Pitches keep their keys; onsets and
+    offsets are divided by the factor. The output has the input's length (padded with silence)."""
+    audio = _check(audio, notes)
+    if abs(cents) > MAX_DETUNE_CENTS:
+        raise MusefmError(f"detune takes at most +-{MAX_DETUNE_CENTS:g} cents (the labels would change key), got {cents}")
+    notes = np.array(notes, dtype=np.float64)
+    if cents == 0:
+        return audio.copy(), notes
+    factor = 2.0 ** (cents / 1200.0)
+    retuned = soxr.resample(audio, sample_rate * factor, sample_rate, quality="HQ")
+    notes[:, :2] /= factor
+    return _keep_in_range(_fit_length(retuned, len(audio))), notes
+
+
+def random_lowpass(audio: np.ndarray, sample_rate: int, rng: np.random.Generator,
+                   cutoff_hz: tuple[float, float] = (800.0, 4000.0)) -> np.ndarray:
+    """A steep Butterworth low-pass (order 4 or 8) at a log-uniform cutoff: a duller piano or
+    microphone whose high notes are nearly pure tones, so that a model must find them by their
+    fundamentals rather than by the harmonics that other instruments give them."""
+    audio = _check(audio)
+    nyquist_guard = 0.45 * sample_rate
+    low, high = min(cutoff_hz[0], nyquist_guard), min(cutoff_hz[1], nyquist_guard)
+    cutoff = math.exp(rng.uniform(math.log(low), math.log(high)))
+    order = int(rng.choice([4, 8]))
+    sections = scipy_signal.butter(order, cutoff, fs=sample_rate, output="sos")
+    return _keep_in_range(scipy_signal.sosfilt(sections, audio.astype(np.float64)))
+
+
 def apply_gain(audio: np.ndarray, gain_db: float) -> np.ndarray:
     """Louder or quieter by ``gain_db``; a gain that would clip is reduced to reach peak 1."""
     return _keep_in_range(_check(audio).astype(np.float64) * 10.0 ** (gain_db / 20.0))
@@ -186,10 +218,14 @@ class AudioAugmentConfig:
 
     pitch_shift_probability: float = 0.3
     pitch_shift_semitones: tuple[int, int] = (-2, 2)
+    detune_probability: float = 0.3
+    detune_cents: tuple[float, float] = (-30.0, 30.0)
     time_stretch_probability: float = 0.3
     time_stretch_rate: tuple[float, float] = (0.9, 1.1)
     eq_probability: float = 0.3
     eq_max_gain_db: float = 6.0
+    lowpass_probability: float = 0.15
+    lowpass_cutoff_hz: tuple[float, float] = (800.0, 4000.0)
     reverb_probability: float = 0.2
     reverb_rt60_seconds: tuple[float, float] = (0.2, 1.0)
     reverb_wet: tuple[float, float] = (0.1, 0.4)
@@ -210,6 +246,10 @@ class AudioAugmentConfig:
         low, high = self.pitch_shift_semitones
         if int(low) != low or int(high) != high or max(abs(low), abs(high)) > MAX_SEMITONES:
             raise MusefmError(f"AudioAugmentConfig.pitch_shift_semitones must be whole numbers within +-{MAX_SEMITONES}")
+        if max(abs(self.detune_cents[0]), abs(self.detune_cents[1])) > MAX_DETUNE_CENTS:
+            raise MusefmError(f"AudioAugmentConfig.detune_cents must be within +-{MAX_DETUNE_CENTS:g}")
+        if self.lowpass_cutoff_hz[0] <= 0:
+            raise MusefmError("AudioAugmentConfig.lowpass_cutoff_hz must be positive")
         if self.time_stretch_rate[0] < STRETCH_RATE_LIMITS[0] or self.time_stretch_rate[1] > STRETCH_RATE_LIMITS[1]:
             raise MusefmError(f"AudioAugmentConfig.time_stretch_rate must be within {STRETCH_RATE_LIMITS}")
         if self.reverb_rt60_seconds[0] <= 0 or not 0 <= self.reverb_wet[0] <= self.reverb_wet[1] <= 1:
@@ -218,20 +258,25 @@ class AudioAugmentConfig:
 
 def augment(audio: np.ndarray, sample_rate: int, notes: np.ndarray, config: AudioAugmentConfig,
             rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Apply each augmentation with its probability, in a fixed order: pitch, tempo, EQ, reverb,
-    gain, then noise (last, so its SNR is against the finished signal). Each step draws from its
-    own child generator, so changing one step's settings never changes another step's draws."""
+    """Apply each augmentation with its probability, in a fixed order: pitch, detune, tempo, EQ,
+    low-pass, reverb, gain, then noise (last, so its SNR is against the finished signal). Each step
+    draws from its own child generator, so changing one step's settings never changes another
+    step's draws (the steps added later take the later children)."""
     audio = _check(audio, notes)
     notes = np.array(notes, dtype=np.float64)
     c = config
-    pitch_rng, stretch_rng, eq_rng, reverb_rng, gain_rng, noise_rng = rng.spawn(6)
+    pitch_rng, stretch_rng, eq_rng, reverb_rng, gain_rng, noise_rng, detune_rng, lowpass_rng = rng.spawn(8)
     if pitch_rng.random() < c.pitch_shift_probability:
         semitones = int(pitch_rng.integers(c.pitch_shift_semitones[0], c.pitch_shift_semitones[1] + 1))
         audio, notes = pitch_shift(audio, sample_rate, notes, semitones)
+    if detune_rng.random() < c.detune_probability:
+        audio, notes = detune(audio, sample_rate, notes, float(detune_rng.uniform(*c.detune_cents)))
     if stretch_rng.random() < c.time_stretch_probability:
         audio, notes = time_stretch(audio, sample_rate, notes, float(stretch_rng.uniform(*c.time_stretch_rate)))
     if eq_rng.random() < c.eq_probability:
         audio = random_eq(audio, sample_rate, eq_rng, c.eq_max_gain_db)
+    if lowpass_rng.random() < c.lowpass_probability:
+        audio = random_lowpass(audio, sample_rate, lowpass_rng, c.lowpass_cutoff_hz)
     if reverb_rng.random() < c.reverb_probability:
         audio = add_reverb(audio, sample_rate, reverb_rng, c.reverb_rt60_seconds, c.reverb_wet)
     if gain_rng.random() < c.gain_probability:
