@@ -320,6 +320,23 @@ def test_ctrl_c_saves_a_checkpoint(long_pieces, tmp_path):
     assert saved is not None and load_train_state(saved)["step"] >= 3
 
 
+def test_first_ctrl_c_asks_to_stop_and_the_second_stops_at_once():
+    from musefm.training.trainer import _StopOnInterrupt
+
+    before = signal.getsignal(signal.SIGINT)
+    interrupt = _StopOnInterrupt()
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.01)  # the handler runs at the next bytecode boundary of the main thread
+        assert interrupt.requested.is_set()
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.01)
+    finally:
+        interrupt.restore()
+    assert signal.getsignal(signal.SIGINT) is before
+
+
 def test_resume_refuses_a_dataset_with_another_tokenizer(long_pieces, tmp_path, capsys):
     data, _ = long_pieces
     out = tmp_path / "run"

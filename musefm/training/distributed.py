@@ -68,13 +68,14 @@ def mean_across_ranks(values: dict[str, float], context: DistributedContext, wei
     return {k: float(tensor[i]) if k == weights_key else float(tensor[i]) / total_weight for i, k in enumerate(keys)}
 
 
-def broadcast_flag(flag: bool, context: DistributedContext) -> bool:
-    """True on every rank if it is true on any (e.g. stop requested by one rank)."""
+def broadcast_flags(context: DistributedContext, *flags: bool) -> tuple[bool, ...]:
+    """Each flag true on every rank if it is true on any (e.g. stop requested by one rank); one
+    collective for all of them."""
     if not context.enabled:
-        return flag
-    tensor = torch.tensor([1.0 if flag else 0.0], device=context.device)
+        return tuple(bool(flag) for flag in flags)
+    tensor = torch.tensor([1.0 if flag else 0.0 for flag in flags], device=context.device)
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return bool(tensor.item() > 0)
+    return tuple(bool(value > 0) for value in tensor.tolist())
 
 
 def shutdown(context: DistributedContext) -> None:

@@ -10,6 +10,8 @@ windows and the saved RNG states, a resumed run takes exactly the steps the unin
 from __future__ import annotations
 
 import math
+import signal
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -22,7 +24,7 @@ from torch import nn
 
 from musefm.errors import MusefmError
 from musefm.training import checkpoint as ckpt
-from musefm.training.distributed import DistributedContext, barrier, broadcast_flag, mean_across_ranks
+from musefm.training.distributed import DistributedContext, barrier, broadcast_flags, mean_across_ranks
 from musefm.training.logging import RunLogger, plot_loss_curve
 from musefm.training.seed import rng_state, set_rng_state
 
@@ -72,6 +74,29 @@ def cpu_has_native_bf16() -> bool:
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+class _StopOnInterrupt:
+    """Ctrl-C (SIGINT) during training: the first one asks the loop to stop after the step in hand,
+    so the checkpoint is saved from a consistent state, never from wherever the signal landed (a
+    KeyboardInterrupt inside a logging thread's queue could hang the exit); a second one stops at
+    once. Only the main thread can own the handler; elsewhere Ctrl-C acts as before."""
+
+    def __init__(self):
+        self.requested = threading.Event()
+        self.previous = None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested.is_set():
+            raise KeyboardInterrupt
+        self.requested.set()
+
+    def restore(self) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+            self.previous = None
 
 
 def learning_rate(step: int, config: TrainConfig) -> float:
@@ -357,6 +382,7 @@ class Trainer:
             raise MusefmError("the training split has fewer windows than one batch")
         last_train, last_valid = {}, {}
         window_started, window_tokens = time.monotonic(), 0
+        interrupt = _StopOnInterrupt()
         try:
             while self.step < config.max_steps:
                 if self.batch_in_epoch >= len(batches):
@@ -380,7 +406,9 @@ class Trainer:
                     self.logger.log(self.step, "train", metrics)
                     self.logger.progress(self.step, metrics)
                 out_of_time = config.max_minutes > 0 and time.monotonic() - started > 60 * config.max_minutes
-                out_of_time = broadcast_flag(out_of_time, self.context)
+                out_of_time, interrupted = broadcast_flags(self.context, out_of_time, interrupt.requested.is_set())
+                if interrupted:  # every rank stops after the same step
+                    raise KeyboardInterrupt
                 if self.step % config.eval_every == 0 or self.step == config.max_steps or out_of_time:
                     last_valid = self._validate_and_keep_best() or last_valid
                 if self.step % config.save_every == 0 or self.step == config.max_steps or out_of_time:
@@ -393,6 +421,7 @@ class Trainer:
             self.logger.message(f"interrupted at step {self.step}: checkpoint saved to {path}")
             raise
         finally:
+            interrupt.restore()
             if self.item_pool is not None:
                 self.item_pool.shutdown(wait=True, cancel_futures=True)
             if self.context.is_main:
