@@ -1,9 +1,9 @@
 """Audio augmentation that keeps note labels true.
 
 Pitch shift and time stretch move the notes with the audio; detuning (less than half a semitone)
-rescales their times only; gain, noise, EQ, low-pass and reverb leave them as they are. Every function is deterministic given its arguments (randomness only through the
-``np.random.Generator`` passed in), returns float32 within [-1, 1] (rescaled, never clipped),
-and never produces NaN.
+rescales their times only; gain, noise, EQ, low-pass and reverb leave them as they are. Every
+function is deterministic given its arguments (randomness only through the ``np.random.Generator``
+passed in), returns float32 within [-1, 1] (rescaled, never clipped), and never produces NaN.
 """
 
 from __future__ import annotations
