@@ -176,6 +176,10 @@ def test_augment_config_validation_and_round_trip():
         AudioAugmentConfig(pitch_shift_semitones=(-13, 2))
     with pytest.raises(MusefmError, match="time_stretch_rate"):
         AudioAugmentConfig(time_stretch_rate=(1.2, 0.9))
+    # A window reader fetches enough audio for the fastest stretch and the sharpest detune together.
+    assert AudioAugmentConfig(time_stretch_rate=(0.9, 1.1), detune_cents=(-30, 30)).max_speedup() == pytest.approx(
+        1.1 * 2 ** (30 / 1200))
+    assert AudioAugmentConfig(time_stretch_rate=(0.8, 0.9), detune_cents=(-30, -10)).max_speedup() == 1.0
     with pytest.raises(MusefmError, match="detune_cents"):
         AudioAugmentConfig(detune_cents=(-60.0, 10.0))
     with pytest.raises(MusefmError, match="lowpass_cutoff_hz"):

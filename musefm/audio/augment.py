@@ -256,6 +256,12 @@ class AudioAugmentConfig:
             raise MusefmError("AudioAugmentConfig.reverb_rt60_seconds must be positive and reverb_wet within [0, 1]")
 
 
+    def max_speedup(self) -> float:
+        """The most input audio one second of output can consume: the fastest time stretch times the
+        sharpest detune (both read the input faster). A window reader fetches this much more."""
+        return max(1.0, self.time_stretch_rate[1]) * 2.0 ** (max(0.0, self.detune_cents[1]) / 1200.0)
+
+
 def augment(audio: np.ndarray, sample_rate: int, notes: np.ndarray, config: AudioAugmentConfig,
             rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Apply each augmentation with its probability, in a fixed order: pitch, detune, tempo, EQ,

@@ -98,9 +98,9 @@ class TranscriptionWindows:
         rng = np.random.default_rng([self.seed, self.epoch, index])
         if self.jitter:  # a random phase per epoch, so window edges fall on different notes each time
             start = max(0.0, min(start + rng.uniform(-0.5, 0.5) * self.segment_seconds, row["seconds"] - self.segment_seconds))
-        # A window sped up by time stretching must still fill the segment: read enough audio for it.
-        stretch = max(1.0, self.augment.time_stretch_rate[1]) if self.augment is not None else 1.0
-        read_seconds = self.segment_seconds * stretch + 0.1
+        # A window sped up by time stretching or detuning must still fill the segment: read enough audio.
+        speedup = self.augment.max_speedup() if self.augment is not None else 1.0
+        read_seconds = self.segment_seconds * speedup + 0.1
         audio = read_segment(self.dataset.path(row["audio"]), start, read_seconds, self.sample_rate)
         notes = self.notes[number]
         inside = (notes[:, 0] < start + read_seconds) & (notes[:, 1] > start) if len(notes) else np.zeros(0, bool)
