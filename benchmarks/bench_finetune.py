@@ -185,7 +185,6 @@ def main() -> None:
     fractions = [float(f) for f in args.fractions.split(",")]
     seeds = [int(seed) for seed in args.seeds.split(",")]
     args.size = args.size or ("quick" if args.quick else "full")
-    args.quick = args.size == "quick"
     sizes = dict(SIZES[args.size])
     if args.pretrain_minutes is not None:
         sizes["pretrain_minutes"] = args.pretrain_minutes
@@ -252,7 +251,7 @@ def main() -> None:
              f"neutral: {','.join(args.neutral_fields) or 'none'}"
              f"{'' if args.size == 'full' else f' (--size {args.size})'}")
     picture = plot(results, fractions, work / "label_efficiency.png", title)
-    record = {"quick": args.quick, "size": args.size, "neutral_fields": args.neutral_fields, "sizes": sizes, "sources": SOURCES,
+    record = {"quick": args.size == "quick", "size": args.size, "neutral_fields": args.neutral_fields, "sizes": sizes, "sources": SOURCES,
               "pretrain": info, "split": split, "test_pieces": test_pieces, "train_pieces": train_pieces, "seeds": seeds, "results": results}
     (work / "results.json").write_text(json.dumps(record, indent=2, default=str))
     print(f"wrote {work / 'results.json'} and {picture}  [total {time.perf_counter() - started:.0f}s]")
