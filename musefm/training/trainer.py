@@ -283,13 +283,11 @@ class Trainer:
     def _batch(self, batches: EpochBatches) -> list[dict]:
         """This step's micro-batches. With loader threads, the next ``prefetch_depth`` batches of the
         same epoch load while this one trains (never past the epoch's end: items read the dataset's
-        epoch, which changes only between epochs)."""
+        epoch, which changes only between epochs; so every batch loaded is trained on in its epoch)."""
         key = (self.epoch, self.batch_in_epoch)
         if self.item_pool is None:
             return [collate([self.train_data[i] for i in chunk])
                     for chunk in self._micro_chunks(batches.rank_indices(self.batch_in_epoch))]
-        if any(epoch != self.epoch for epoch, _ in self.prefetch):  # stale (a resume, a new epoch)
-            self.prefetch.clear()
         for number in range(self.batch_in_epoch, min(len(batches), self.batch_in_epoch + 1 + self.prefetch_depth)):
             if (self.epoch, number) not in self.prefetch:
                 self.prefetch[(self.epoch, number)] = [
