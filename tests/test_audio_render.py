@@ -1,0 +1,128 @@
+"""Sampled instruments: the Salamander piano's SFZ over whatever velocity layers are installed, and
+rendering MIDI through it with sfizz (pitch, timing and velocity layers checked on synthetic samples)."""
+
+import re
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from musefm.audio.render import NOTE_NAMES, SALAMANDER_PACKAGE, render_midi, salamander_sfz, soundfont_name, soundfont_path
+from musefm.errors import MusefmError
+
+RATE = 16000
+ROOTS = list(range(21, 109, 3))  # A0, C1, D#1 ... C8: the recording's sampled keys
+LAYER_LEVELS = {4: 0.05, 12: 0.5}  # two of the 16 velocity layers, soft and loud
+
+
+def hertz(key: float) -> float:
+    return 440.0 * 2 ** ((key - 69) / 12)
+
+
+@pytest.fixture()
+def samples(tmp_path, monkeypatch):
+    """A samples tree laid out as ``make piano-samples`` installs it, with sine tones for samples."""
+    root = tmp_path / "samples"
+    time = np.arange(int(0.8 * RATE)) / RATE
+    for layer, level in LAYER_LEVELS.items():
+        audio = root / "node_modules" / SALAMANDER_PACKAGE.format(layer=layer) / "audio"
+        audio.mkdir(parents=True)
+        for key in ROOTS:
+            name = f"{NOTE_NAMES[key % 12]}{key // 12 - 1}v{layer}.ogg"
+            tone = level * np.sin(2 * np.pi * hertz(key) * time) * np.exp(-time * 2)
+            sf.write(audio / name, np.stack([tone, tone], axis=1), RATE, format="OGG", subtype="VORBIS")
+    monkeypatch.setenv("MUSEFM_SAMPLES", str(root))
+    return root
+
+
+def regions(sfz_text: str) -> list[dict]:
+    """(lovel, hivel, lokey, hikey, pitch_keycenter) of every region, with its group's velocities."""
+    found, velocity = [], None
+    for line in sfz_text.splitlines():
+        if line.startswith("<group>"):
+            velocity = tuple(int(v) for v in re.findall(r"lovel=(\d+) hivel=(\d+)", line)[0])
+        elif line.startswith("<region>"):
+            fields = dict(re.findall(r"(\w+)=(\S+)", line))
+            found.append({"velocity": velocity, "keys": (int(fields["lokey"]), int(fields["hikey"])),
+                          "centre": int(fields["pitch_keycenter"]), "sample": fields["sample"]})
+    return found
+
+
+def test_sfz_covers_every_key_and_velocity_once_with_the_nearest_sample(samples):
+    path = soundfont_path("salamander")
+    assert path == salamander_sfz(samples) and soundfont_name("salamander") == "salamander"
+    found = regions(path.read_text())
+    velocities = sorted({region["velocity"] for region in found})
+    assert velocities[0][0] == 1 and velocities[-1][1] == 127 and len(velocities) == len(LAYER_LEVELS)
+    assert all(low_next == high + 1 for (_, high), (low_next, _) in zip(velocities, velocities[1:]))
+    for velocity in velocities:
+        layer = [region for region in found if region["velocity"] == velocity]
+        keys = [key for region in layer for key in range(region["keys"][0], region["keys"][1] + 1)]
+        assert keys == list(range(128))  # every key once
+        for region in layer:  # each piano key is repitched by at most a semitone
+            assert all(abs(key - region["centre"]) <= 1 for key in range(max(region["keys"][0], 21), min(region["keys"][1], 108) + 1))
+            assert (samples / region["sample"]).is_file()
+    # The soft layer (4 of 16) takes the low velocities.
+    assert all("velocity4/" in region["sample"] for region in found if region["velocity"] == velocities[0])
+
+
+def test_sfz_written_once_and_missing_samples_named(samples, tmp_path):
+    path = salamander_sfz(samples)
+    stamp = path.stat().st_mtime_ns
+    assert salamander_sfz(samples).stat().st_mtime_ns == stamp  # unchanged text is not rewritten
+    with pytest.raises(MusefmError, match="make piano-samples"):
+        salamander_sfz(tmp_path / "empty")
+
+
+def test_sfizz_renders_pitch_timing_and_velocity_layers(samples, tmp_path):
+    from symusic import Note, Score, Track
+
+    score = Score(480)
+    track = Track("piano", 0, False)
+    # E4 (a semitone above the D#4 sample) loud at 0.5 s, then soft at 2.0 s (120 bpm: 960 ticks/s).
+    track.notes.extend([Note(480, 480, 64, 110), Note(1920, 480, 64, 20)])
+    score.tracks.append(track)
+    midi = tmp_path / "notes.mid"
+    score.dump_midi(str(midi))
+    wav = render_midi(midi, tmp_path / "out.wav", "salamander", sample_rate=RATE)
+    audio, rate = sf.read(wav)
+    audio = audio.mean(axis=1)
+    assert rate == RATE
+
+    def window(start: float, seconds: float = 0.3) -> np.ndarray:
+        return audio[int(start * RATE): int((start + seconds) * RATE)]
+
+    assert np.abs(window(0.0, 0.45)).max() < 1e-3  # silent before the first onset
+    loud, soft = window(0.52), window(2.02)
+    spectrum = np.abs(np.fft.rfft(loud * np.hanning(len(loud))))
+    peak = np.fft.rfftfreq(len(loud), 1 / RATE)[np.argmax(spectrum)]
+    assert abs(12 * np.log2(peak / hertz(64))) < 0.3  # repitched to E4, not left at D#4
+    # Velocity 110 plays the loud layer, 20 the soft one (10x quieter samples; tracking adds a little).
+    assert np.sqrt(np.mean(loud ** 2)) / np.sqrt(np.mean(soft ** 2)) > 6
+
+
+def test_a_renderer_crash_is_retried_and_a_lasting_one_names_the_file(samples, tmp_path, monkeypatch):
+    import musefm.audio.render as render
+    from musefm.errors import BadInputError
+
+    counter = tmp_path / "calls"
+    # A stand-in for sfizz_render: killed by SIGSEGV on its first CRASHES calls, then renders silence.
+    fake = tmp_path / "fake_render"
+    fake.write_text(f"""#!/bin/sh
+echo x >> {counter}
+if [ $(wc -l < {counter}) -le "$CRASHES" ]; then kill -SEGV $$; fi
+while [ "$1" != "--wav" ]; do shift; done
+cp {tmp_path / "silence.wav"} "$2"
+""")
+    fake.chmod(0o755)
+    sf.write(tmp_path / "silence.wav", np.zeros(RATE), RATE)
+    monkeypatch.setattr(render, "_sfizz_render", lambda: str(fake))
+    midi = tmp_path / "in.mid"
+    midi.write_bytes(b"")  # never read by the stand-in
+    monkeypatch.setenv("CRASHES", "2")
+    assert render_midi(midi, tmp_path / "out.wav", "salamander", RATE).is_file()
+    assert len(counter.read_text().splitlines()) == 3
+    counter.unlink()
+    monkeypatch.setenv("CRASHES", "3")
+    with pytest.raises(BadInputError, match=r"in\.mid.*sfizz could not render it \(no output, exit status -11\)"):
+        render_midi(midi, tmp_path / "out2.wav", "salamander", RATE)
