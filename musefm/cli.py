@@ -289,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--config", help="YAML file of build settings")
     build.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     build.add_argument("--render", action="store_true", help="paired audio + notes for transcription (soundfont renders; MAESTRO's recordings)")
-    build.add_argument("--soundfonts", help="with --render: comma-separated soundfont names or paths (timgm6mb, fluidr3, musescore)")
+    build.add_argument("--soundfonts", help="with --render: comma-separated soundfont names or .sf2/.sf3/.sfz paths (timgm6mb, fluidr3, musescore, salamander)")
     build.add_argument("--test-soundfonts", help="with --render: soundfonts for the test split only (held-out timbre)")
     build.add_argument("--sample-rate", type=int, help="with --render: audio sample rate (default 16000)")
     build.add_argument("--max-seconds", type=float, help="with --render: cut pieces longer than this")
@@ -408,7 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
     render.set_defaults(func=_render)
 
     train_transcriber = commands.add_parser("train-transcriber", help="train the piano transcriber on paired audio")
-    train_transcriber.add_argument("--data", help="audio dataset (musefm data build --render)")
+    train_transcriber.add_argument("--data", help="audio dataset (musefm data build --render); several: comma-separated")
     train_transcriber.add_argument("--out", help="run directory")
     train_transcriber.add_argument("--preset", help="debug, small (shipped size) or base")
     train_transcriber.add_argument("--config", help="YAML config, or a shipped one (transcriber_small, transcriber_debug)")

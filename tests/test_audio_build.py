@@ -150,3 +150,34 @@ def test_render_command_renders_a_batch_with_a_chosen_program_and_skips_bad_file
     assert audio_info(tmp_path / "wav" / "piece0.wav").sample_rate == 16000
     assert "broken.mid" in capsys.readouterr().err
     assert cli(["render", files[0], "-o", str(tmp_path / "wav"), "--program", "200"]) == 2
+
+
+@needs_fluidsynth
+def test_datasets_of_other_soundfonts_train_as_one_and_never_leak_held_out_pieces(built, tmp_path):
+    from musefm.data.audio_dataset import open_audio_datasets
+
+    root, _, _ = built
+    source = root / "midi"
+    more = AudioBuildConfig(sources=[f"dir:{source}"], out=str(tmp_path / "more"), soundfonts=["musescore"],
+                            test_soundfonts=["fluidr3"], valid_fraction=0.0, test_fraction=0.5, workers=1)
+    build_audio_dataset(more, stream=open("/dev/null", "w"))
+    first, second = open_audio_dataset(root / "data"), open_audio_dataset(tmp_path / "more")
+    both = open_audio_datasets(f"{root / 'data'},{tmp_path / 'more'}")
+    # Training pieces twice (two timbres); the test split's fluidr3 renders are the same examples: once.
+    assert len(both.split("train")) == len(first.split("train")) + len(second.split("train"))
+    assert sorted(row["id"] for row in both.split("test")) == sorted(row["id"] for row in first.split("test"))
+    assert {row["soundfont"] for row in both.split("train")} == {"timgm6mb", "musescore"}
+    for row in both.rows:  # every file still found, wherever the dataset lies
+        assert both.path(row["audio"]).is_file() and both.path(row["notes"]).is_file()
+    windows = TranscriptionWindows(both, "train", segment_seconds=2.0, sample_rate=16000, hop_length=320)
+    assert windows[len(windows) - 1]["audio"].shape[0] == 32000
+
+    # A piece held out in one build and trained on in the other is refused.
+    leaked = tmp_path / "leaked"
+    shutil.copytree(tmp_path / "more", leaked)
+    rows = [json.loads(line) for line in (leaked / "manifest.jsonl").read_text().splitlines()]
+    for row in rows:
+        row["split"] = "train" if row["split"] == "test" else row["split"]
+    (leaked / "manifest.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with pytest.raises(MusefmError, match="split of"):
+        open_audio_datasets([root / "data", leaked])

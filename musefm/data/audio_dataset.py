@@ -50,6 +50,32 @@ def open_audio_dataset(path) -> AudioDataset:
     return AudioDataset(root, info, rows)
 
 
+def open_audio_datasets(paths: str | list) -> AudioDataset:
+    """One dataset, or several (a list, or one comma-separated string) as one: e.g. the same pieces
+    rendered with other soundfonts in a second build. Paths become absolute; an example found in
+    two of them (same id) is kept once. A piece in the training split of one and the validation or
+    test split of another is refused: it would leak the held-out music into training."""
+    parts = [part.strip() for part in paths.split(",")] if isinstance(paths, str) else [str(part) for part in paths]
+    datasets = [open_audio_dataset(part) for part in parts if part]
+    if len(datasets) == 1:
+        return datasets[0]
+    if not datasets:
+        raise MusefmError("no audio dataset given")
+    rows, seen_ids, split_of_piece = [], set(), {}
+    for dataset in datasets:
+        for row in dataset.rows:
+            known = split_of_piece.setdefault(row["piece"], (row["split"], dataset.root))
+            if known[0] != row["split"]:
+                raise MusefmError(f"piece {row['piece']} is in the {known[0]} split of {known[1]} but the {row['split']} "
+                                  f"split of {dataset.root}: build the datasets with the same sources and fractions")
+            if row["id"] in seen_ids:
+                continue
+            seen_ids.add(row["id"])
+            rows.append({**row, **{key: str(dataset.path(row[key])) for key in ("audio", "midi", "notes") if key in row}})
+    info = {**datasets[0].info, "parts": [str(dataset.root) for dataset in datasets]}
+    return AudioDataset(datasets[0].root, info, rows)
+
+
 def read_segment(path: Path, start_seconds: float, seconds: float, sample_rate: int) -> np.ndarray:
     """Mono float32 audio of [start, start + seconds) at ``sample_rate``, zero-padded past the end."""
     import soundfile

@@ -53,7 +53,7 @@ class TranscriberTrainConfig:
 
 
 def main(config: TranscriberTrainConfig, resume: bool = False, overwrite: bool = False, stream=None) -> dict:
-    from musefm.data.audio_dataset import TranscriptionWindows, open_audio_dataset
+    from musefm.data.audio_dataset import TranscriptionWindows, open_audio_datasets
     from musefm.models.transcriber import Transcriber, config_from_preset
     from musefm.training import checkpoint as ckpt
     from musefm.training.distributed import init_distributed, shutdown
@@ -66,7 +66,7 @@ def main(config: TranscriberTrainConfig, resume: bool = False, overwrite: bool =
     config.validate()
     if not config.data:
         raise MusefmError("no dataset given (--data DIR, built with musefm data build --render)")
-    dataset = open_audio_dataset(config.data)
+    dataset = open_audio_datasets(config.data)  # "a,b": several builds as one (e.g. more soundfonts)
     if not dataset.split("train"):
         raise MusefmError(f"{config.data}: the dataset has no training examples")
     if config.init_from:  # fine-tuning: the starting model's own config (its weights are loaded below)
@@ -92,7 +92,7 @@ def main(config: TranscriberTrainConfig, resume: bool = False, overwrite: bool =
         if context.is_main:
             out.mkdir(parents=True, exist_ok=True)
             run = {"config": to_dict(config), "model_config": dataclasses.asdict(model_config),
-                   "dataset": str(dataset.root), "parameters": model.num_parameters()}
+                   "dataset": dataset.info.get("parts", str(dataset.root)), "parameters": model.num_parameters()}
             (out / "run.json").write_text(json.dumps(run, indent=2))
             hours = sum(row["seconds"] for row in dataset.split("train")) / 3600
             print(f"transcriber ({config.preset}): {model.num_parameters():,} parameters, {len(train_data):,} training "
