@@ -3,6 +3,7 @@ bad files, and the training windows read from them."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -181,3 +182,19 @@ def test_datasets_of_other_soundfonts_train_as_one_and_never_leak_held_out_piece
     (leaked / "manifest.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     with pytest.raises(MusefmError, match="split of"):
         open_audio_datasets([root / "data", leaked])
+
+
+@needs_fluidsynth
+def test_one_work_in_two_encodings_is_rendered_once(tmp_path, monkeypatch):
+    """music21 names bwv281.krn and bwv281.mxl by one key: rendering both under one id overwrote the
+    first's audio and could put one chorale in two splits."""
+    from musefm.data import corpus
+
+    source = write_pieces(tmp_path / "midi", count=2)
+    items = corpus.list_items(f"dir:{source}")
+    twin = dataclasses.replace(items[1], key=items[0].key)  # another file, the same work
+    monkeypatch.setattr(corpus, "list_items", lambda spec: [items[0], twin])
+    config = AudioBuildConfig(sources=["dir:x"], out=str(tmp_path / "data"), soundfonts=["timgm6mb"], workers=1)
+    build_audio_dataset(config, stream=open("/dev/null", "w"))
+    rows = open_audio_dataset(tmp_path / "data").rows
+    assert len(rows) == 1 and rows[0]["id"] == f"{items[0].key}@timgm6mb"

@@ -39,7 +39,7 @@ import numpy as np
 
 from musefm.atomic import write_text_atomic
 from musefm.data import corpus
-from musefm.data.build import SPLITS, note_fingerprint, prepare_output, read_jsonl, split_of
+from musefm.data.build import SPLITS, note_fingerprint, prepare_output, read_jsonl, select_items, split_of
 from musefm.data.convert import default_cache_dir
 from musefm.errors import BadInputError, MusefmError
 from musefm.progress import Progress
@@ -257,12 +257,7 @@ def build_audio_dataset(config: AudioBuildConfig, overwrite: bool = False, strea
     stream = stream or sys.stderr
     started = time.monotonic()
     out = Path(config.out)
-    items = []
-    for spec in config.sources:
-        listed = corpus.list_items(spec)
-        items += listed[: config.limit] if config.limit else listed
-    if not items:
-        raise MusefmError(f"no music files found in {', '.join(config.sources)}")
+    items = select_items(config.sources, config.limit)
     prepare_output(out, config.identity(), overwrite)
     progress_path = out / "progress.jsonl"
     done = {row["item"] for row in read_jsonl(progress_path)} if progress_path.exists() else set()

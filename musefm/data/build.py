@@ -265,18 +265,21 @@ def prepare_output(out: Path, identity: dict, overwrite: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def _select_items(config: BuildConfig) -> list[corpus.SourceItem]:
+def select_items(sources: list[str], limit: int = 0) -> list[corpus.SourceItem]:
+    """The files of ``sources`` (the first ``limit`` of each), each key once: the same file named by
+    two sources, or one music21 work in two encodings (bwv281.krn and bwv281.mxl share a key), is
+    read once, so one piece never lands in two splits or overwrites its own audio."""
     items, seen = [], set()
-    for spec in config.sources:
+    for spec in sources:
         listed = corpus.list_items(spec)
-        if config.limit:
-            listed = listed[: config.limit]
+        if limit:
+            listed = listed[:limit]
         for item in listed:
-            if item.key not in seen:  # the same file named by two sources is read once
+            if item.key not in seen:
                 seen.add(item.key)
                 items.append(item)
     if not items:
-        raise MusefmError(f"no music files found in {', '.join(config.sources)}")
+        raise MusefmError(f"no music files found in {', '.join(sources)}")
     return items
 
 
@@ -286,7 +289,7 @@ def build_dataset(config: BuildConfig, overwrite: bool = False, stream=None) -> 
     stream = stream or sys.stderr
     started = time.monotonic()
     out = Path(config.out)
-    items = _select_items(config)  # bad source specs fail here, before any file is touched
+    items = select_items(config.sources, config.limit)  # bad source specs fail here, before any file is touched
     prepare_output(out, config.identity(), overwrite)
     shard_dir = out / "shards"
     shard_dir.mkdir(exist_ok=True)
