@@ -61,13 +61,20 @@ def open_audio_datasets(paths: str | list) -> AudioDataset:
         return datasets[0]
     if not datasets:
         raise MusefmError("no audio dataset given")
-    rows, seen_ids, split_of_piece = [], set(), {}
+    splits_of_piece: dict[str, tuple[set, Path]] = {}  # piece -> its splits in the first dataset that has it
+    for dataset in datasets:
+        splits = {}
+        for row in dataset.rows:
+            splits.setdefault(row["piece"], set()).add(row["split"])
+        for piece, found in splits.items():
+            known, where = splits_of_piece.setdefault(piece, (found, dataset.root))
+            if known != found:
+                raise MusefmError(f"piece {piece} is in the {'/'.join(sorted(known))} split of {where} but the "
+                                  f"{'/'.join(sorted(found))} split of {dataset.root}: build the datasets with the same "
+                                  "sources and fractions")
+    rows, seen_ids = [], set()
     for dataset in datasets:
         for row in dataset.rows:
-            known = split_of_piece.setdefault(row["piece"], (row["split"], dataset.root))
-            if known[0] != row["split"]:
-                raise MusefmError(f"piece {row['piece']} is in the {known[0]} split of {known[1]} but the {row['split']} "
-                                  f"split of {dataset.root}: build the datasets with the same sources and fractions")
             if row["id"] in seen_ids:
                 continue
             seen_ids.add(row["id"])
