@@ -401,7 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     render = commands.add_parser("render", help="MIDI files -> WAV with a soundfont (FluidSynth)")
     render.add_argument("inputs", nargs="+", help="MIDI files")
     render.add_argument("-o", "--out", required=True, help="output folder")
-    render.add_argument("--soundfont", help="timgm6mb (default), fluidr3, musescore, or a .sf2/.sf3 path")
+    render.add_argument("--soundfont", help="timgm6mb (default), fluidr3, musescore, salamander (make piano-samples), or a .sf2/.sf3/.sfz path")
     render.add_argument("--program", type=int, help="play every non-drum part with this General MIDI program (0: piano)")
     render.add_argument("--sample-rate", type=int, default=44100)
     render.add_argument("--workers", type=int, default=0, help="parallel renders (default: one per core)")
