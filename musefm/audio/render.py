@@ -12,6 +12,7 @@ Switching soundfonts is the timbre augmentation of the audio data.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -54,9 +55,8 @@ def salamander_sfz(root: Path | None = None) -> Path:
         audio = root / "node_modules" / SALAMANDER_PACKAGE.format(layer=layer) / "audio"
         samples = {}
         for path in sorted(audio.glob(f"*v{layer}.ogg")):
-            name, octave = path.name[: -len(f"v{layer}.ogg")][:-1], path.name[: -len(f"v{layer}.ogg")][-1]
-            if name in NOTE_NAMES and octave.isdigit():
-                samples[NOTE_NAMES.index(name) + 12 * (int(octave) + 1)] = path
+            if named := re.fullmatch(rf"([A-G]#?)(\d)v{layer}\.ogg", path.name):  # D#4v8.ogg: D#4, layer 8
+                samples[NOTE_NAMES.index(named[1]) + 12 * (int(named[2]) + 1)] = path
         if samples:
             layers[layer] = samples
     if not layers:
