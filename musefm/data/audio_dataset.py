@@ -53,8 +53,8 @@ def open_audio_dataset(path) -> AudioDataset:
 def open_audio_datasets(paths: str | list) -> AudioDataset:
     """One dataset, or several (a list, or one comma-separated string) as one: e.g. the same pieces
     rendered with other soundfonts in a second build. Paths become absolute; an example found in
-    two of them (same id) is kept once. A piece in the training split of one and the validation or
-    test split of another is refused: it would leak the held-out music into training."""
+    two of them (same id) is kept once. A piece whose splits differ between them is refused: trained
+    on in one and held out in another, it would leak held-out music into training."""
     parts = [part.strip() for part in paths.split(",")] if isinstance(paths, str) else [str(part) for part in paths]
     datasets = [open_audio_dataset(part) for part in parts if part]
     if len(datasets) == 1:
