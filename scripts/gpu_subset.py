@@ -5,6 +5,10 @@ A device run can carry at most 64 MiB of files, so the recipe's dataset (19 h of
 timgm6mb / fluidr3), re-encoded as OGG Vorbis, plus 8 validation examples. Usage:
 
     python scripts/gpu_subset.py data/piano-audio .gpudata/piano-ogg [SEED [MAX_MB [PROGRAMS]]]
+    python scripts/gpu_subset.py data/piano-audio,data/piano-salamander .gpudata/piano-3 4 34
+
+Several datasets (train-transcriber's --data A,B) give each piece one of all their soundfonts in
+turn (timgm6mb, fluidr3, then the others such as salamander).
 
 The shipped model was trained on SEED 0's subset, then fine-tuned on SEED 1's (another draw of
 pieces, the other soundfont first) with MAX_MB 43: the last pieces are dropped until the folder's
@@ -26,8 +30,9 @@ import soundfile as sf
 
 from musefm.audio.io import load_audio
 from musefm.audio.render import render_midi, with_program
+from musefm.data.audio_dataset import open_audio_datasets
 
-src, dst = Path(sys.argv[1]), Path(sys.argv[2])
+dataset, dst = open_audio_datasets(sys.argv[1]), Path(sys.argv[2])
 seed = int(sys.argv[3]) if len(sys.argv) > 3 else 0
 max_bytes = float(sys.argv[4]) * 1e6 if len(sys.argv) > 4 else float("inf")
 programs = [int(p) for p in sys.argv[5].split(",")] if len(sys.argv) > 5 else [0]
@@ -35,40 +40,44 @@ if dst.exists():
     shutil.rmtree(dst)
 (dst / "audio").mkdir(parents=True)
 (dst / "notes").mkdir()
-rows = [json.loads(l) for l in (src / "manifest.jsonl").read_text().splitlines()]
+rows = dataset.rows
 rng = random.Random(seed)
 train = [r for r in rows if r["split"] == "train"]
+present = {r["soundfont"] for r in train}
+fonts = [f for f in ("timgm6mb", "fluidr3") if f in present] + sorted(present - {"timgm6mb", "fluidr3"})
 pieces = sorted({r["piece"] for r in train})
 rng.shuffle(pieces)
 budget, used, out = 50e6, 0, []
 for number, piece in enumerate(pieces):
-    font = ("timgm6mb", "fluidr3")[(number // len(programs) + seed) % 2]
+    font = fonts[(number // len(programs) + seed) % len(fonts)]
     program = programs[number % len(programs)]
-    row = next(r for r in train if r["piece"] == piece and r["soundfont"] == font)
+    row = next((r for r in train if r["piece"] == piece and r["soundfont"] == font), None)
+    if row is None:  # a piece one build rejected
+        continue
     stem = Path(row["audio"]).stem
     if program == 0:
-        audio, sr = load_audio(src / row["audio"])
+        audio, sr = load_audio(dataset.path(row["audio"]))
     else:  # the same performance on another instrument: same notes, new audio
         with tempfile.TemporaryDirectory() as scratch:
-            midi = with_program(src / row["midi"], program, Path(scratch))
+            midi = with_program(dataset.path(row["midi"]), program, Path(scratch))
             wav = render_midi(midi, Path(scratch) / "out.wav", soundfont=font, sample_rate=16000)
             audio, sr = load_audio(wav, sample_rate=16000)
         stem = f"{stem}-p{program}"
         row = dict(row, id=f"{row['id']}@program{program}", program=program)
     sf.write(dst / "audio" / f"{stem}.ogg", audio, sr, format="OGG", subtype="VORBIS")
     size = (dst / "audio" / f"{stem}.ogg").stat().st_size
-    shutil.copy(src / row["notes"], dst / "notes" / Path(row["notes"]).name)
-    out.append(dict(row, audio=f"audio/{stem}.ogg"))
+    shutil.copy(dataset.path(row["notes"]), dst / "notes" / Path(row["notes"]).name)
+    out.append(dict(row, audio=f"audio/{stem}.ogg", notes=f"notes/{Path(row['notes']).name}"))
     used += size
     if used > budget:
         break
 valid = [r for r in rows if r["split"] == "valid" and r["soundfont"] == "fluidr3"][:8]
 for row in valid:
-    audio, sr = load_audio(src / row["audio"])
+    audio, sr = load_audio(dataset.path(row["audio"]))
     stem = Path(row["audio"]).stem
     sf.write(dst / "audio" / f"{stem}.ogg", audio, sr, format="OGG", subtype="VORBIS")
-    shutil.copy(src / row["notes"], dst / "notes" / Path(row["notes"]).name)
-    out.append(dict(row, audio=f"audio/{stem}.ogg"))
+    shutil.copy(dataset.path(row["notes"]), dst / "notes" / Path(row["notes"]).name)
+    out.append(dict(row, audio=f"audio/{stem}.ogg", notes=f"notes/{Path(row['notes']).name}"))
 kept_train = [r for r in out if r["split"] == "train"]
 kept_valid = [r for r in out if r["split"] != "train"]
 total = sum((dst / r["audio"]).stat().st_size for r in out)
@@ -79,6 +88,6 @@ while total > max_bytes:
     (dst / "notes" / Path(dropped["notes"]).name).unlink()
 out = kept_train + kept_valid
 (dst / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in out))
-(dst / "dataset.json").write_text((src / "dataset.json").read_text())
+(dst / "dataset.json").write_text(json.dumps(dataset.info, indent=2))
 hours = sum(r["seconds"] for r in out if r["split"] == "train") / 3600
 print(len(out), "rows", round(hours, 2), "h train", round(used / 1e6, 1), "MB")

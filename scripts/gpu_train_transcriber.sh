@@ -13,6 +13,8 @@
 #   augment.pitch_shift_probability=0.5
 # with max_steps set from the rate of a 150-step run (9.8 steps/s), so the cosine schedule ends on time;
 # the thresholds were then tuned on the full dataset's validation split (tune_split) on a CPU.
+# The next GPU run should draw its subset from all three timbres (the CPU stage after those runs
+# added the Salamander piano): gpu_subset.py data/piano-audio,data/piano-salamander .gpudata/X SEED 34
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
