@@ -36,7 +36,7 @@ def samples(tmp_path, monkeypatch):
 
 
 def regions(sfz_text: str) -> list[dict]:
-    """(lovel, hivel, lokey, hikey, pitch_keycenter) of every region, with its group's velocities."""
+    """Every region: its group's (lovel, hivel), its (lokey, hikey), pitch_keycenter and sample."""
     found, velocity = [], None
     for line in sfz_text.splitlines():
         if line.startswith("<group>"):

@@ -255,7 +255,6 @@ class AudioAugmentConfig:
         if self.reverb_rt60_seconds[0] <= 0 or not 0 <= self.reverb_wet[0] <= self.reverb_wet[1] <= 1:
             raise MusefmError("AudioAugmentConfig.reverb_rt60_seconds must be positive and reverb_wet within [0, 1]")
 
-
     def max_speedup(self) -> float:
         """The most input audio one second of output can consume: the fastest time stretch times the
         sharpest detune (both read the input faster). A window reader fetches this much more."""

@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from musefm.atomic import write_text_atomic
 from musefm.errors import BadInputError, MusefmError
 
 # Short name -> candidate files, best first.
@@ -30,7 +31,6 @@ SOUNDFONTS = {
     "musescore": ("/usr/share/sounds/sf3/MuseScore_General.sf3", "/usr/share/sounds/sf3/MuseScore_General_Lite.sf3"),
 }
 DEFAULT_SOUNDFONT_ORDER = ("timgm6mb", "fluidr3", "musescore")
-SAMPLED = ("salamander",)  # short names of SFZ instruments musefm writes from installed samples
 SALAMANDER_PACKAGE = "@audio-samples/piano-velocity{layer}"
 SALAMANDER_LAYERS = 16  # velocity layers of the recording, softest first
 NOTE_NAMES = ("C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B")
@@ -78,13 +78,15 @@ def salamander_sfz(root: Path | None = None) -> Path:
             high_key = 127 if position == len(keys) - 1 else (key + keys[position + 1]) // 2
             sample = layers[layer][key].relative_to(root).as_posix()
             lines.append(f"<region> sample={sample} lokey={low_key} hikey={high_key} pitch_keycenter={key}")
-    from musefm.atomic import write_text_atomic
-
     path = root / "salamander.sfz"
     text = "\n".join(lines) + "\n"
     if not path.is_file() or path.read_text() != text:
         write_text_atomic(path, text)
     return path
+
+
+# Short names of sampled instruments -> the function writing their SFZ over the installed samples.
+SAMPLED = {"salamander": salamander_sfz}
 
 
 def _pretty_midi_soundfont() -> Path | None:
@@ -101,8 +103,8 @@ def _pretty_midi_soundfont() -> Path | None:
 def soundfont_path(name_or_path: str | Path) -> Path:
     """The file of a soundfont given by short name or path; MusefmError when it is not installed."""
     text = str(name_or_path)
-    if text == "salamander":
-        return salamander_sfz()
+    if text in SAMPLED:
+        return SAMPLED[text]()
     if text in SOUNDFONTS:
         for candidate in SOUNDFONTS[text]:
             if Path(candidate).is_file():
