@@ -46,12 +46,26 @@ train = [r for r in rows if r["split"] == "train"]
 present = {r["soundfont"] for r in train}
 fonts = [f for f in ("timgm6mb", "fluidr3") if f in present] + sorted(present - {"timgm6mb", "fluidr3"})
 pieces = sorted({r["piece"] for r in train})
+by_piece_font = {}  # (piece, soundfont) -> its first training row
+for r in train:
+    by_piece_font.setdefault((r["piece"], r["soundfont"]), r)
 rng.shuffle(pieces)
 budget, used, out = 50e6, 0, []
+
+
+def keep(row: dict, audio, sr: int, stem: str) -> int:
+    """Write one example into the subset (OGG audio, its notes); the size of its audio."""
+    ogg, notes = dst / "audio" / f"{stem}.ogg", Path(row["notes"]).name
+    sf.write(ogg, audio, sr, format="OGG", subtype="VORBIS")
+    shutil.copy(dataset.path(row["notes"]), dst / "notes" / notes)
+    out.append(dict(row, audio=f"audio/{stem}.ogg", notes=f"notes/{notes}"))
+    return ogg.stat().st_size
+
+
 for number, piece in enumerate(pieces):
     font = fonts[(number // len(programs) + seed) % len(fonts)]
     program = programs[number % len(programs)]
-    row = next((r for r in train if r["piece"] == piece and r["soundfont"] == font), None)
+    row = by_piece_font.get((piece, font))
     if row is None:  # a piece one build rejected
         continue
     stem = Path(row["audio"]).stem
@@ -64,20 +78,12 @@ for number, piece in enumerate(pieces):
             audio, sr = load_audio(wav, sample_rate=16000)
         stem = f"{stem}-p{program}"
         row = dict(row, id=f"{row['id']}@program{program}", program=program)
-    sf.write(dst / "audio" / f"{stem}.ogg", audio, sr, format="OGG", subtype="VORBIS")
-    size = (dst / "audio" / f"{stem}.ogg").stat().st_size
-    shutil.copy(dataset.path(row["notes"]), dst / "notes" / Path(row["notes"]).name)
-    out.append(dict(row, audio=f"audio/{stem}.ogg", notes=f"notes/{Path(row['notes']).name}"))
-    used += size
+    used += keep(row, audio, sr, stem)
     if used > budget:
         break
 valid = [r for r in rows if r["split"] == "valid" and r["soundfont"] == "fluidr3"][:8]
 for row in valid:
-    audio, sr = load_audio(dataset.path(row["audio"]))
-    stem = Path(row["audio"]).stem
-    sf.write(dst / "audio" / f"{stem}.ogg", audio, sr, format="OGG", subtype="VORBIS")
-    shutil.copy(dataset.path(row["notes"]), dst / "notes" / Path(row["notes"]).name)
-    out.append(dict(row, audio=f"audio/{stem}.ogg", notes=f"notes/{Path(row['notes']).name}"))
+    keep(row, *load_audio(dataset.path(row["audio"])), Path(row["audio"]).stem)
 kept_train = [r for r in out if r["split"] == "train"]
 kept_valid = [r for r in out if r["split"] != "train"]
 total = sum((dst / r["audio"]).stat().st_size for r in out)
