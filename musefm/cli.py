@@ -208,7 +208,8 @@ def _transcribe(args) -> int:
     decode = dataclasses.replace(  # the model's validation-tuned thresholds unless given here
         model.decode_config,
         **{name: value for name, value in (("onset_threshold", args.onset_threshold),
-                                           ("frame_threshold", args.frame_threshold)) if value is not None})
+                                           ("frame_threshold", args.frame_threshold),
+                                           ("frame_onset_threshold", args.frame_onset_threshold)) if value is not None})
     summary = transcribe_paths([Path(path) for path in args.inputs], Path(args.out), model, sonify=args.sonify,
                                soundfont=args.soundfont, decode=decode)
     if len(args.inputs) > 1:
@@ -425,6 +426,9 @@ def build_parser() -> argparse.ArgumentParser:
     transcribe.add_argument("--soundfont", help="soundfont for --sonify (name or path)")
     transcribe.add_argument("--onset-threshold", type=float, help="default: the model's (tuned on validation data)")
     transcribe.add_argument("--frame-threshold", type=float, help="default: the model's (tuned on validation data)")
+    transcribe.add_argument("--frame-onset-threshold", type=float,
+                            help="a weaker onset peak that starts a note where the frame activation rises "
+                                 "(default: the model's, tuned on validation data)")
     transcribe.add_argument("--device", default="cpu")
     transcribe.set_defaults(func=_transcribe)
 

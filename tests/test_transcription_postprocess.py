@@ -55,6 +55,27 @@ def test_frames_without_an_onset_start_nothing():
     np.testing.assert_allclose(lower, [[0.10, 0.30, 64, 64]])
 
 
+def test_a_weak_onset_where_the_frame_rises_starts_a_note_only_when_enabled():
+    onset, frame = empty()
+    frame[20:40, C4] = 0.9  # sounds from frame 20; the onset head only half hears it, at frame 21
+    onset[19:23, C4] = [0.05, 0.12, 0.2, 0.1]
+    frame[10:50, E4] = 0.9  # held from frame 10 (a real onset); a weak bump inside it is no new note
+    onset[10, E4] = 0.9
+    onset[30, E4] = 0.2
+    onset[45, C4] = 0.25  # a weak onset where the frame does not rise (C4 fell silent at 40): nothing
+    strict = activations_to_notes(onset, frame, RATE)
+    np.testing.assert_allclose(strict, [[0.10, 0.50, 64, 64]])
+    lenient = activations_to_notes(onset, frame, RATE, config=DecodeConfig(frame_onset_threshold=0.15))
+    np.testing.assert_allclose(lenient, [[0.10, 0.50, 64, 64], [0.21, 0.40, 60, 64]])
+    # A peak under the weak threshold, or one more than FRAME_ONSET_FRAMES frames from the rise, is not enough.
+    assert len(activations_to_notes(onset, frame, RATE, config=DecodeConfig(frame_onset_threshold=0.25))) == 1
+    onset[19:23, C4] = 0.0
+    onset[17, C4] = 0.2
+    assert len(activations_to_notes(onset, frame, RATE, config=DecodeConfig(frame_onset_threshold=0.15))) == 1
+    with pytest.raises(MusefmError, match="frame_onset_threshold"):
+        DecodeConfig(frame_onset_threshold=1.5)
+
+
 def test_onset_alone_keeps_the_note_alive_and_notes_reach_the_end():
     onset, frame = empty(frames=40)
     onset[10:12, C4] = 0.9  # no frame activation at all: the note lasts while the onset is high
@@ -138,3 +159,31 @@ def test_csv_round_trip_and_bad_csv(tmp_path):
         assert name in str(caught.value)
     with pytest.raises(BadInputError):
         read_notes_csv(tmp_path / "missing.csv")
+
+
+def test_tuning_keeps_frame_supported_onsets_only_when_they_score_higher(tmp_path):
+    import soundfile as sf
+
+    from musefm.models.transcriber import TranscriberConfig
+    from musefm.transcription.transcribe import tune_decoding
+
+    class StubModel:  # hand-made activations instead of a network: one sure note, one soft one
+        config = TranscriberConfig()
+
+        def __init__(self, soft_onset: float):
+            self.soft_onset = soft_onset
+
+        def activations(self, mel):
+            onset, frame = empty(frames=len(mel))
+            onset[10, C4], frame[10:30, C4] = 0.9, 0.9
+            onset[20, E4], frame[20:40, E4] = self.soft_onset, 0.9
+            return {"onset": onset, "frame": frame, "velocity": np.full_like(onset, 64 / 127)}
+
+    audio = tmp_path / "a.wav"
+    sf.write(audio, np.zeros(16000), 16000)  # 1 s: 51 frames at 50 frames/s
+    rate = TranscriberConfig().frame_rate
+    both = np.array([[10 / rate, 30 / rate, 60, 64], [20 / rate, 40 / rate, 64, 64]])
+    decode, scores = tune_decoding(StubModel(soft_onset=0.12), [(audio, both)])
+    assert (decode.onset_threshold, decode.frame_onset_threshold) == (0.3, 0.05) and scores["note_f1"] == 1.0
+    decode, _ = tune_decoding(StubModel(soft_onset=0.12), [(audio, both[:1])])  # the soft "note" is not in the reference
+    assert decode.frame_onset_threshold is None

@@ -127,7 +127,8 @@ def tune_split(model_dir: Path, dataset, split: str, limit: int = 0, stream=None
     write_decode_config(model_dir, decode)
     if stream is not None:
         print(f"decoding thresholds chosen on {split} ({len(rows)} files): onset {decode.onset_threshold}, "
-              f"frame {decode.frame_threshold} (note F1 {scores['note_f1']:.3f})", file=stream)
+              f"frame {decode.frame_threshold}, frame-supported onsets {decode.frame_onset_threshold} "
+              f"(note F1 {scores['note_f1']:.3f})", file=stream)
     return asdict(decode) | scores
 
 

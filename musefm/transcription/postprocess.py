@@ -24,6 +24,10 @@ DEFAULT_VELOCITY = 64
 CSV_HEADER = ("onset", "offset", "pitch", "velocity")
 
 
+# How far from a frame run's first frame its onset peak may lie (frames: 40 ms at 50 frames/s).
+FRAME_ONSET_FRAMES = 2
+
+
 @dataclass
 class DecodeConfig:
     """Thresholds for ``activations_to_notes``; the defaults are those of Onsets and Frames."""
@@ -35,9 +39,14 @@ class DecodeConfig:
     offset_threshold: float | None = None
     # Notes shorter than this are dropped; 0 keeps everything (Magenta's default, min_duration_ms=0).
     min_note_seconds: float = 0.0
+    # None: only onsets start notes (Onsets and Frames). A value: a key's frame activation rising
+    # past frame_threshold also starts a note where the onset probability peaks within
+    # +-FRAME_ONSET_FRAMES frames, if that peak reaches this value (a softly struck note the onset
+    # head is unsure of while the frame head hears it sound).
+    frame_onset_threshold: float | None = None
 
     def __post_init__(self):  # settings come from users (CLI flags): a bad one is a one-line error
-        for name in ("onset_threshold", "frame_threshold", "offset_threshold"):
+        for name in ("onset_threshold", "frame_threshold", "offset_threshold", "frame_onset_threshold"):
             value = getattr(self, name)
             if value is not None and not 0.0 <= value <= 1.0:
                 raise MusefmError(f"DecodeConfig.{name} must lie in [0, 1], got {value}")
@@ -50,7 +59,9 @@ def activations_to_notes(onset: np.ndarray, frame: np.ndarray, frame_rate: float
     """Decode ``(T, 88)`` activations into a notes array ``(N, 4)`` sorted by onset then pitch.
 
     A note starts on the first frame of each run of frames whose onset probability reaches
-    ``onset_threshold`` (so a 2-3 frame onset blob gives one note), and lasts while the key stays
+    ``onset_threshold`` (so a 2-3 frame onset blob gives one note), or, with
+    ``frame_onset_threshold``, where a weaker onset peak meets a rising frame activation (see
+    DecodeConfig), and lasts while the key stays
     active (frame >= frame_threshold, or onset still >= onset_threshold) until, exclusively, the
     first frame where it is inactive, a new onset run of the same key starts (a re-strike), or the
     offset probability reaches ``offset_threshold``. A sounding frame with no onset starts nothing.
@@ -71,6 +82,9 @@ def activations_to_notes(onset: np.ndarray, frame: np.ndarray, frame_rate: float
     # searchsorted finds every note's end without ever running into the next key.
     onset_high = np.zeros((NUM_KEYS, num_frames + 1), dtype=bool)  # (88, T+1)
     onset_high[:, :-1] = onset.T >= config.onset_threshold
+    if config.frame_onset_threshold is not None:
+        frames, keys = _frame_supported_onsets(onset, frame, config)
+        onset_high[keys, frames] = True
     onset_start = onset_high.copy()
     onset_start[:, 1:] &= ~onset_high[:, :-1]  # first frame of each above-threshold run
     active = np.zeros_like(onset_high)
@@ -93,6 +107,23 @@ def activations_to_notes(onset: np.ndarray, frame: np.ndarray, frame_rate: float
                       velocities], axis=1)  # (N, 4)
     notes = notes[(notes[:, 1] - notes[:, 0]) >= config.min_note_seconds - 1e-9]
     return notes[np.lexsort((notes[:, 2], notes[:, 0]))]
+
+
+def _frame_supported_onsets(onset: np.ndarray, frame: np.ndarray, config: DecodeConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(frame indices, keys) of the weak onsets that start notes: for each frame run's first frame,
+    the onset peak within +-FRAME_ONSET_FRAMES, kept when it lies in [frame_onset_threshold,
+    onset_threshold) (at or above it, a normal onset starts the note already)."""
+    sounding = frame >= config.frame_threshold  # (T, 88)
+    rises = sounding.copy()
+    rises[1:] &= ~sounding[:-1]
+    starts, keys = np.nonzero(rises)  # (R,) each
+    offsets = np.arange(-FRAME_ONSET_FRAMES, FRAME_ONSET_FRAMES + 1)
+    window = np.clip(starts[:, None] + offsets, 0, len(onset) - 1)  # (R, 2 * FRAME_ONSET_FRAMES + 1)
+    values = onset[window, keys[:, None]]
+    peaks = values.max(axis=1)
+    chosen = (peaks >= config.frame_onset_threshold) & (peaks < config.onset_threshold)
+    peak_frames = window[np.arange(len(starts)), values.argmax(axis=1)]
+    return peak_frames[chosen], keys[chosen]
 
 
 # --------------------------------------------------------------------------------------------

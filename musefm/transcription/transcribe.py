@@ -64,9 +64,13 @@ def write_decode_config(directory: Path, decode) -> None:
 
 
 def tune_decoding(model, examples: list[tuple[Path, np.ndarray]], onset_grid=(0.3, 0.4, 0.5, 0.6),
-                  frame_grid=(0.3, 0.4, 0.5)):
+                  frame_grid=(0.3, 0.4, 0.5), frame_onset_grid=(None, 0.05, 0.1, 0.15, 0.2)):
     """Onset/frame thresholds with the best mean note F1 (ties: onset+offset F1) on ``examples``
-    (audio path, reference notes): run on the validation split, never on the test split."""
+    (audio path, reference notes), then, with those, the best ``frame_onset_threshold`` (None
+    first, so it is kept only when it scores higher): run on the validation split, never on the
+    test split."""
+    from dataclasses import replace
+
     from musefm.audio.features import log_mel_for_file
     from musefm.evaluation.transcription import score_notes
     from musefm.transcription.postprocess import DecodeConfig, activations_to_notes
@@ -76,15 +80,22 @@ def tune_decoding(model, examples: list[tuple[Path, np.ndarray]], onset_grid=(0.
         mel = log_mel_for_file(path, model.config.mel_config())
         with torch.inference_mode():
             heads.append((model.activations(torch.from_numpy(mel)), reference))
+
+    def mean_scores(decode) -> tuple[float, float]:
+        scores = [score_notes(reference, activations_to_notes(h["onset"], h["frame"], model.config.frame_rate,
+                                                              velocity=h["velocity"], config=decode))
+                  for h, reference in heads]
+        return float(np.mean([s["note_f1"] for s in scores])), float(np.mean([s["note_offset_f1"] for s in scores]))
+
+    candidates = [DecodeConfig(onset_threshold=onset, frame_threshold=frame) for onset in onset_grid for frame in frame_grid]
     best, best_key = DecodeConfig(), (-1.0, -1.0)
-    for onset_threshold in onset_grid:
-        for frame_threshold in frame_grid:
-            decode = DecodeConfig(onset_threshold=onset_threshold, frame_threshold=frame_threshold)
-            scores = [score_notes(reference, activations_to_notes(h["onset"], h["frame"], model.config.frame_rate,
-                                                                  velocity=h["velocity"], config=decode))
-                      for h, reference in heads]
-            key = (float(np.mean([s["note_f1"] for s in scores])), float(np.mean([s["note_offset_f1"] for s in scores])))
-            if key > best_key:
+    for decode in candidates:
+        if (key := mean_scores(decode)) > best_key:
+            best, best_key = decode, key
+    for threshold in frame_onset_grid:
+        if threshold is not None and threshold < best.onset_threshold:
+            decode = replace(best, frame_onset_threshold=threshold)
+            if (key := mean_scores(decode)) > best_key:
                 best, best_key = decode, key
     return best, {"note_f1": best_key[0], "note_offset_f1": best_key[1]}
 
