@@ -64,7 +64,8 @@ def activations_to_notes(onset: np.ndarray, frame: np.ndarray, frame_rate: float
     DecodeConfig), and lasts while the key stays
     active (frame >= frame_threshold, or onset still >= onset_threshold) until, exclusively, the
     first frame where it is inactive, a new onset run of the same key starts (a re-strike), or the
-    offset probability reaches ``offset_threshold``. A sounding frame with no onset starts nothing.
+    offset probability reaches ``offset_threshold``. A sounding frame with no onset of either kind
+    starts nothing.
     Times are frame indices / ``frame_rate``; velocity is ``velocity[onset frame] * 127`` rounded
     and clipped to 1..127 (64 without a velocity activation).
     """

@@ -64,11 +64,10 @@ def write_decode_config(directory: Path, decode) -> None:
 
 
 def tune_decoding(model, examples: list[tuple[Path, np.ndarray]], onset_grid=(0.3, 0.4, 0.5, 0.6),
-                  frame_grid=(0.3, 0.4, 0.5), frame_onset_grid=(None, 0.05, 0.1, 0.15, 0.2)):
+                  frame_grid=(0.3, 0.4, 0.5), frame_onset_grid=(0.05, 0.1, 0.15, 0.2)):
     """Onset/frame thresholds with the best mean note F1 (ties: onset+offset F1) on ``examples``
-    (audio path, reference notes), then, with those, the best ``frame_onset_threshold`` (None
-    first, so it is kept only when it scores higher): run on the validation split, never on the
-    test split."""
+    (audio path, reference notes), then, with those, the best ``frame_onset_threshold``, kept only
+    when it scores higher than none: run on the validation split, never on the test split."""
     from dataclasses import replace
 
     from musefm.audio.features import log_mel_for_file
@@ -93,7 +92,7 @@ def tune_decoding(model, examples: list[tuple[Path, np.ndarray]], onset_grid=(0.
         if (key := mean_scores(decode)) > best_key:
             best, best_key = decode, key
     for threshold in frame_onset_grid:
-        if threshold is not None and threshold < best.onset_threshold:
+        if threshold < best.onset_threshold:
             decode = replace(best, frame_onset_threshold=threshold)
             if (key := mean_scores(decode)) > best_key:
                 best, best_key = decode, key
