@@ -207,9 +207,8 @@ def _transcribe(args) -> int:
     model = load_transcriber(args.model, device=args.device)
     decode = dataclasses.replace(  # the model's validation-tuned thresholds unless given here
         model.decode_config,
-        **{name: value for name, value in (("onset_threshold", args.onset_threshold),
-                                           ("frame_threshold", args.frame_threshold),
-                                           ("frame_onset_threshold", args.frame_onset_threshold)) if value is not None})
+        **{name: getattr(args, name) for name in ("onset_threshold", "frame_threshold", "frame_onset_threshold")
+           if getattr(args, name) is not None})
     summary = transcribe_paths([Path(path) for path in args.inputs], Path(args.out), model, sonify=args.sonify,
                                soundfont=args.soundfont, decode=decode)
     if len(args.inputs) > 1:

@@ -23,8 +23,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from musefm.atomic import write_text_atomic
 from musefm.errors import BadInputError, MusefmError
 
@@ -194,15 +192,10 @@ SFIZZ_RATE = 48000
 
 
 def _resample_wav(path: Path, sample_rate: int) -> None:
-    """Rewrite a WAV file at ``sample_rate`` (soxr), 16-bit like the renderers write."""
-    import soundfile
-    import soxr
+    """Rewrite a WAV file at ``sample_rate``, channels kept, 16-bit like the renderers write."""
+    from musefm.audio.io import load_audio, save_audio
 
-    from musefm.audio.io import RESAMPLE_QUALITY
-
-    audio, rate = soundfile.read(path, dtype="float32", always_2d=True)  # (samples, channels)
-    audio = soxr.resample(audio, rate, sample_rate, quality=RESAMPLE_QUALITY)
-    soundfile.write(path, np.clip(audio, -1.0, 1.0), sample_rate, subtype="PCM_16")
+    save_audio(path, load_audio(path, sample_rate, mono=False)[0], sample_rate)
 
 
 def render_midi(midi_path: Path, wav_path: Path, soundfont: str | Path | None = None, sample_rate: int = 22050,
