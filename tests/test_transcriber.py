@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from musefm.cli import main as cli
+from musefm.errors import MusefmError
 from musefm.models.transcriber import PRESETS, Transcriber, config_from_preset
 from musefm.transcription.transcribe import SHIPPED_MODEL, load_transcriber, transcribe_file
 from tests.conftest import make_score
@@ -55,6 +56,26 @@ def test_windowed_activations_cover_every_frame():
     for name in whole:  # every frame written (no zero gaps), and close to the whole-input result
         assert windowed[name].shape == whole[name].shape
         assert np.abs(windowed[name] - whole[name]).max() < 0.05
+
+
+def test_inference_folds_batch_norm_without_changing_the_outputs():
+    model = tiny_model()
+    torch.manual_seed(1)
+    for layer in model.acoustic.convs:  # batch norm statistics far from the identity they start at
+        if isinstance(layer, torch.nn.BatchNorm2d):
+            layer.running_mean.uniform_(-1, 1), layer.running_var.uniform_(0.2, 3)
+            layer.weight.data.uniform_(0.5, 2), layer.bias.data.uniform_(-1, 1)
+    with pytest.raises(MusefmError, match="eval mode"):
+        model.acoustic.folded_convs()
+    model.eval()
+    folded = model.acoustic.folded_convs()
+    assert not any(isinstance(layer, (torch.nn.BatchNorm2d, torch.nn.Dropout)) for layer in folded)
+    with torch.no_grad():
+        mel = model.mel(torch.randn(16000 * 2))  # (101, n_mels)
+        unfolded = model.acoustic(mel.unsqueeze(0))
+        assert torch.allclose(model.acoustic(mel.unsqueeze(0), convs=folded), unfolded, atol=1e-5)
+        whole = torch.sigmoid(model.heads(unfolded)["onset"][0]).numpy()
+    assert np.allclose(model.activations(mel)["onset"], whole, atol=1e-5)
 
 
 def test_the_model_learns_a_batch():
