@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -76,6 +77,28 @@ def test_inference_folds_batch_norm_without_changing_the_outputs():
         assert torch.allclose(model.acoustic(mel.unsqueeze(0), convs=folded), unfolded, atol=1e-5)
         whole = torch.sigmoid(model.heads(unfolded)["onset"][0]).numpy()
     assert np.allclose(model.activations(mel)["onset"], whole, atol=1e-5)
+
+
+def test_a_grown_onset_stack_starts_as_the_shared_one_then_trains_apart():
+    model = tiny_model().eval()
+    grown = model.with_onset_stack().eval()
+    assert grown.config.onset_stack and not model.config.onset_stack
+    with torch.no_grad():
+        mel = model.mel(torch.randn(16000))  # (51, n_mels)
+        before, after = model(mel=mel.unsqueeze(0)), grown(mel=mel.unsqueeze(0))
+    for name in before:
+        assert torch.allclose(before[name], after[name], atol=1e-6), name
+    assert np.allclose(grown.activations(mel)["onset"], torch.sigmoid(after["onset"][0]).numpy(), atol=1e-5)
+    with pytest.raises(MusefmError, match="already has"):
+        grown.with_onset_stack()
+    # The onset head now reads its own stack only: a step on the onset loss moves it, not the shared one.
+    grown.train()
+    shared = [p.detach().clone() for p in grown.acoustic.parameters()]
+    onset_stack = [p.detach().clone() for p in grown.onset_acoustic.parameters()]
+    grown(mel=mel.unsqueeze(0))["onset"].sum().backward()
+    torch.optim.SGD(grown.parameters(), lr=0.1).step()
+    assert all(torch.equal(a, b) for a, b in zip(shared, grown.acoustic.parameters()))
+    assert not all(torch.equal(a, b) for a, b in zip(onset_stack, grown.onset_acoustic.parameters()))
 
 
 def test_the_model_learns_a_batch():
@@ -268,3 +291,14 @@ def test_fine_tuning_starts_from_the_given_model(audio_data, tmp_path):
     for (name, a), b in zip(before.state_dict().items(), after.state_dict().values()):
         if a.is_floating_point() and "running" not in name:  # batch-norm statistics move in train mode
             assert torch.allclose(a, b, atol=1e-6), name
+
+    # Growing an onset conv stack while fine-tuning: it starts as a copy of the shared stack.
+    grown = dataclasses.replace(config, out=str(tmp_path / "grown"), model_settings={"onset_stack": True})
+    main(grown, stream=open(os.devnull, "w"))
+    after = load_transcriber(tmp_path / "grown" / "checkpoints" / "step-00000001")
+    assert after.config.onset_stack
+    for name, value in before.acoustic.convs.state_dict().items():
+        if value.is_floating_point() and "running" not in name:
+            assert torch.allclose(value, after.onset_acoustic.convs.state_dict()[name], atol=1e-6), name
+    with pytest.raises(MusefmError, match="only onset_stack"):
+        dataclasses.replace(config, model_settings={"d_model": 32}).validate()

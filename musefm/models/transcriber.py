@@ -6,8 +6,8 @@ Reading order: config and presets, the layers (conv stack, bidirectional recurre
 As in Onsets and Frames (Hawthorne et al. 2018), onset and offset heads are trained on their own
 targets and the frame head sees their (detached) predictions, so a note's frames are tied to its
 detected onset; velocity is regressed at onset frames only. Unlike the paper, one conv stack is
-shared by every head: it keeps the model a few MB and about three times cheaper on a CPU, where
-the shipped model has to run.
+shared by every head by default: it keeps the model a few MB and cheap on a CPU, where the shipped
+model has to run. ``onset_stack=True`` gives the onset head a conv stack of its own, as the paper does.
 
 The log-mel front end (``musefm.audio.features``) is part of the model (a module with buffers), so the same features are
 computed in training, on a GPU, and at inference, and a saved model carries its feature settings.
@@ -15,6 +15,7 @@ computed in training, on a GPU, and at inference, and a saved model carries its 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
@@ -45,6 +46,7 @@ class TranscriberConfig:
     d_model: int = 256  # acoustic features per frame after the conv stack
     rnn_hidden: int = 128  # per direction
     sequence_model: Literal["gru", "lstm"] = "gru"
+    onset_stack: bool = False  # the onset head gets a conv stack of its own, as in Onsets and Frames
     dropout: float = 0.2
     # Loss
     onset_weight: float = 1.0
@@ -151,6 +153,8 @@ class Transcriber(PretrainedModel):
         self.config = config
         self.mel = LogMelSpectrogram(config.mel_config())
         self.acoustic = ConvStack(config.n_mels, config.conv_channels, config.d_model, config.dropout)
+        self.onset_acoustic = (ConvStack(config.n_mels, config.conv_channels, config.d_model, config.dropout)
+                               if config.onset_stack else None)
         width = 2 * config.rnn_hidden
         self.onset_rnn = BiRNN(config.d_model, config.rnn_hidden, config.sequence_model)
         self.onset_head = nn.Linear(width, NUM_KEYS)
@@ -168,11 +172,19 @@ class Transcriber(PretrainedModel):
         """Logits of every head, (B, T, 88) each; give the waveform (B, samples) or its log-mel."""
         if mel is None:
             mel = self.mel(audio)  # (B, T, n_mels)
-        return self.heads(self.acoustic(mel))
+        return self.heads(*self.encode(mel))
 
-    def heads(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Logits of every head, (B, T, 88) each, from the conv stack's features (B, T, d_model)."""
-        onset = self.onset_head(self.onset_rnn(features))  # (B, T, 88)
+    def encode(self, mel: torch.Tensor, convs: nn.Module | None = None, onset_convs: nn.Module | None = None):
+        """(B, T, n_mels) -> the shared conv stack's features (B, T, d_model), and the onset stack's
+        (or None when the model has none); ``convs`` / ``onset_convs`` replace their conv layers."""
+        onset_features = self.onset_acoustic(mel, onset_convs) if self.onset_acoustic is not None else None
+        return self.acoustic(mel, convs), onset_features
+
+    def heads(self, features: torch.Tensor, onset_features: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Logits of every head, (B, T, 88) each, from the conv stacks' features (B, T, d_model):
+        the shared stack's, and the onset stack's where the model has one."""
+        onset_features = features if onset_features is None else onset_features
+        onset = self.onset_head(self.onset_rnn(onset_features))  # (B, T, 88)
         offset = self.offset_head(self.offset_rnn(features))  # (B, T, 88)
         # The frame head sees the onset/offset predictions but does not train them.
         frame_input = torch.cat([torch.sigmoid(self.frame_acoustic(features)),
@@ -216,15 +228,26 @@ class Transcriber(PretrainedModel):
         total = mel.shape[0]
         step = max(1, window_frames - 2 * overlap_frames)
         outputs = {name: torch.zeros(total, NUM_KEYS) for name in HEADS}
-        folded = self.acoustic.folded_convs()
+        folded = (self.acoustic.folded_convs(),
+                  self.onset_acoustic.folded_convs() if self.onset_acoustic is not None else None)
         for start in range(0, total, step):
             low, high = max(0, start - overlap_frames), min(total, start + step + overlap_frames)
             window = mel[low:high].unsqueeze(0).to(next(self.parameters()).device)  # (1, W, n_mels)
-            logits = self.heads(self.acoustic(window, convs=folded))
+            logits = self.heads(*self.encode(window, *folded))
             keep_from, keep_to = start - low, min(start + step, total) - low
             for name in HEADS:
                 outputs[name][start : start + keep_to - keep_from] = torch.sigmoid(logits[name][0, keep_from:keep_to].float()).cpu()
         return {name: value.numpy() for name, value in outputs.items()}
+
+    def with_onset_stack(self) -> "Transcriber":
+        """This model grown to Onsets and Frames' layout: a new model whose onset conv stack starts as
+        a copy of the shared one, so it transcribes exactly as this one until fine-tuning parts them."""
+        if self.onset_acoustic is not None:
+            raise MusefmError("with_onset_stack: the model already has an onset conv stack")
+        grown = Transcriber(dataclasses.replace(self.config, onset_stack=True))
+        copied = {f"onset_acoustic.{key}": value for key, value in self.acoustic.state_dict().items()}
+        grown.load_state_dict({**self.state_dict(), **copied})
+        return grown.train(self.training)
 
     def num_parameters(self) -> int:
         return sum(parameter.numel() for parameter in self.parameters())

@@ -45,8 +45,9 @@ class TranscriberTrainConfig:
     def validate(self) -> None:
         if self.segment_seconds <= 0.5:
             raise MusefmError(f"segment_seconds: must exceed 0.5, got {self.segment_seconds}")
-        if self.init_from and self.model_settings:
-            raise MusefmError("init_from: the model keeps its own config; drop model_settings")
+        if self.init_from and set(self.model_settings) - {"onset_stack"}:
+            raise MusefmError("init_from: the model keeps its own config; of model_settings only onset_stack "
+                              "(grow an onset conv stack copied from the shared one) can be given")
         if self.final_split not in ("", "train", "valid", "test"):
             raise MusefmError(f"final_split: must be train, valid, test or empty, got {self.final_split!r}")
         self.train.validate()
@@ -71,6 +72,8 @@ def main(config: TranscriberTrainConfig, resume: bool = False, overwrite: bool =
         raise MusefmError(f"{config.data}: the dataset has no training examples")
     if config.init_from:  # fine-tuning: the starting model's own config (its weights are loaded below)
         start = load_transcriber(None if config.init_from == "shipped" else config.init_from)
+        if config.model_settings.get("onset_stack") and not start.config.onset_stack:
+            start = start.with_onset_stack()
         model_config = start.config
     else:
         model_config = config_from_preset(config.preset, **config.model_settings)
