@@ -78,7 +78,7 @@ class TranscriberConfig:
 
 PRESETS = {
     "debug": TranscriberConfig(n_mels=48, conv_channels=4, d_model=16, rnn_hidden=8, dropout=0.0),
-    "small": TranscriberConfig(),  # ~2M parameters: the model shipped with musefm
+    "small": TranscriberConfig(),  # ~2M parameters; the shipped model is this with onset_stack (2.9M)
     "base": TranscriberConfig(conv_channels=48, d_model=768, rnn_hidden=256),  # Onsets-and-Frames width
 }
 
