@@ -174,7 +174,8 @@ class Transcriber(PretrainedModel):
             mel = self.mel(audio)  # (B, T, n_mels)
         return self.heads(*self.encode(mel))
 
-    def encode(self, mel: torch.Tensor, convs: nn.Module | None = None, onset_convs: nn.Module | None = None):
+    def encode(self, mel: torch.Tensor, convs: nn.Module | None = None,
+               onset_convs: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(B, T, n_mels) -> the shared conv stack's features (B, T, d_model), and the onset stack's
         (or None when the model has none); ``convs`` / ``onset_convs`` replace their conv layers."""
         onset_features = self.onset_acoustic(mel, onset_convs) if self.onset_acoustic is not None else None
