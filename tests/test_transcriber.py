@@ -121,6 +121,23 @@ def test_the_model_learns_a_batch():
     assert losses[-1] < 0.3 * losses[0]
 
 
+def test_loss_weight_scales_onset_and_frame_losses_per_frame():
+    from musefm.transcription.labels import notes_to_targets
+
+    model = tiny_model(2)
+    audio = torch.from_numpy(np.random.default_rng(0).standard_normal((2, 8000)).astype(np.float32) * 0.1)
+    targets = notes_to_targets(np.array([[0.1, 0.4, 60, 90]]), 8000 // 320 + 1, 50.0)
+    batch = {"audio": audio} | {k: torch.from_numpy(v)[None].expand(2, -1, -1) for k, v in targets.items()}
+    _, plain, _ = model.loss(batch)
+    _, ones, _ = model.loss(batch | {"loss_weight": torch.ones_like(batch["onset"])})
+    _, doubled, _ = model.loss(batch | {"loss_weight": torch.full_like(batch["onset"], 2.0)})
+    for name in ("onset_loss", "frame_loss", "offset_loss", "velocity_loss"):
+        assert torch.allclose(plain[name], ones[name])
+    assert torch.allclose(doubled["onset_loss"], 2 * plain["onset_loss"])
+    assert torch.allclose(doubled["frame_loss"], 2 * plain["frame_loss"])
+    assert torch.allclose(doubled["offset_loss"], plain["offset_loss"])  # offsets are not weighted
+
+
 def test_presets_validate_and_bad_settings_are_named():
     from musefm.errors import MusefmError
 
@@ -303,3 +320,5 @@ def test_fine_tuning_starts_from_the_given_model(audio_data, tmp_path):
             assert torch.allclose(value, after.onset_acoustic.convs.state_dict()[name], atol=1e-6), name
     with pytest.raises(MusefmError, match="only onset_stack"):
         dataclasses.replace(config, model_settings={"d_model": 32}).validate()
+    with pytest.raises(MusefmError, match="masked_note_weight"):
+        dataclasses.replace(config, masked_note_weight=0.0).validate()

@@ -7,7 +7,8 @@ import pytest
 from symusic import ControlChange, Note, Score, Tempo, Track
 
 from musefm.errors import BadInputError
-from musefm.transcription.labels import MIN_MIDI, NUM_KEYS, notes_from_midi, notes_from_score, notes_to_targets
+from musefm.transcription.labels import (MIN_MIDI, NUM_KEYS, harmonically_masked, masked_note_weights, notes_from_midi,
+                                        notes_from_score, notes_to_targets)
 
 RATE = 100.0
 C4 = 60 - MIN_MIDI  # key column of middle C
@@ -51,6 +52,28 @@ def test_restrike_later_onset_wins():
     assert active(targets["frame"]) == list(range(10, 60))
     assert active(targets["offset"]) == [60]
     assert targets["velocity"][[10, 30], C4] == pytest.approx([100 / 127, 50 / 127])
+
+
+def test_harmonically_masked_notes_are_softer_ones_on_a_louder_notes_partials():
+    notes = np.array([[0.0, 2.0, 48, 90],  # C3, loud and held
+                      [0.0, 1.0, 60, 50],  # C4, its octave, softer: masked
+                      [0.5, 1.5, 67, 40],  # G4, its twelfth, starting while C3 sounds: masked
+                      [0.2, 1.0, 52, 30],  # E3, a third above: no partial of C3 lands there
+                      [0.0, 1.0, 72, 100],  # C5, two octaves up but louder than C3
+                      [2.5, 3.0, 60, 20],  # C4 again after C3 ended
+                      [0.02, 0.5, 36, 95]])  # C2 starting 20 ms after C3 (within tolerance): C3 is on its octave
+    assert harmonically_masked(notes).tolist() == [True, True, True, False, False, False, False]
+    assert harmonically_masked(notes, tolerance=0.0).tolist() == [False, True, True, False, False, False, False]
+    assert harmonically_masked(np.zeros((0, 4))).shape == (0,)
+
+
+def test_masked_note_weights_weigh_only_the_sounding_frames_of_masked_notes():
+    notes = np.array([[0.0, 0.5, 48, 90], [0.1, 0.3, 60, 50], [0.1, 0.3, 64, 50]])  # C3; C4 masked, E4 not
+    weights = masked_note_weights(notes, 60, RATE, 3.0)
+    assert weights.shape == (60, NUM_KEYS) and weights.dtype == np.float32
+    assert np.flatnonzero(weights[:, C4] == 3.0).tolist() == list(range(10, 30))  # onset frame to offset
+    assert (weights == 3.0).sum() == 20 and set(np.unique(weights).tolist()) == {1.0, 3.0}
+    assert (masked_note_weights(notes, 60, RATE, 1.0) == 1.0).all()
 
 
 def test_out_of_range_pitches_and_clipping():

@@ -35,6 +35,9 @@ class TranscriberTrainConfig:
     segment_seconds: float = 5.0
     augment: AudioAugmentConfig = field(default_factory=AudioAugmentConfig)
     use_augment: bool = True
+    # Loss weight of the onset and frame labels of notes a louder note's partials mask (a soft note an
+    # octave or twelfth above a loud one: labels.harmonically_masked); 1 weighs every note alike.
+    masked_note_weight: float = 1.0
     final_split: str = "valid"  # transcribed and scored with mir_eval after training ("" = skip)
     final_limit: int = 0  # at most this many files in the final tuning and scoring (0: all)
     tune_decoding: bool = True  # choose onset/frame thresholds on the validation split (decode.json)
@@ -48,6 +51,8 @@ class TranscriberTrainConfig:
         if self.init_from and set(self.model_settings) - {"onset_stack"}:
             raise MusefmError("init_from: the model keeps its own config; of model_settings only onset_stack "
                               "(grow an onset conv stack copied from the shared one) can be given")
+        if self.masked_note_weight <= 0:
+            raise MusefmError(f"masked_note_weight: must be positive, got {self.masked_note_weight}")
         if self.final_split not in ("", "train", "valid", "test"):
             raise MusefmError(f"final_split: must be train, valid, test or empty, got {self.final_split!r}")
         self.train.validate()
@@ -90,7 +95,7 @@ def main(config: TranscriberTrainConfig, resume: bool = False, overwrite: bool =
         window = dict(segment_seconds=config.segment_seconds, sample_rate=model_config.sample_rate,
                       hop_length=model_config.hop_length)
         train_data = TranscriptionWindows(dataset, "train", augment=config.augment if config.use_augment else None,
-                                          seed=config.train.seed, **window)
+                                          seed=config.train.seed, masked_note_weight=config.masked_note_weight, **window)
         valid_data = (TranscriptionWindows(dataset, "valid", jitter=False, **window) if dataset.split("valid") else None)
         if context.is_main:
             out.mkdir(parents=True, exist_ok=True)

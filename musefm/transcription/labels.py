@@ -66,6 +66,34 @@ def notes_to_targets(notes: np.ndarray, num_frames: int, frame_rate: float, onse
             "offset": (codes == _OFFSET).astype(np.float32), "velocity": velocity * onset}
 
 
+# Semitones from a note to its 2nd..6th partials (12, 19.02, 24, 27.86, 31.02 rounded).
+HARMONIC_INTERVALS = (12, 19, 24, 28, 31)
+
+
+def harmonically_masked(notes: np.ndarray, tolerance: float = 0.03) -> np.ndarray:
+    """Which notes start while a louder note sounds one of whose 2nd..6th partials lands on their key:
+    bool ``(N,)``. The hardest notes to hear on a piano: a soft note an octave or a twelfth above a loud
+    one adds little energy that the loud note's partials do not already explain (the held-out misses of
+    the shipped model are mostly these). ``tolerance``: seconds by which the louder note may start later.
+    """
+    notes = _as_notes(notes)
+    onset, offset, pitch, velocity = (notes[:, column] for column in range(4))
+    # (N, N): row i is the candidate masked note, column j the louder note sounding at its onset
+    sounding = (onset[None, :] <= onset[:, None] + tolerance) & (offset[None, :] > onset[:, None])
+    louder = velocity[None, :] > velocity[:, None]
+    partial = np.isin(np.rint(pitch[:, None] - pitch[None, :]), HARMONIC_INTERVALS)
+    return (sounding & louder & partial).any(axis=1)
+
+
+def masked_note_weights(notes: np.ndarray, num_frames: int, frame_rate: float, weight: float) -> np.ndarray:
+    """Loss weights float32 ``(num_frames, 88)``: ``weight`` on the sounding frames (onset included)
+    of ``harmonically_masked`` notes, 1 elsewhere, so training leans on the notes it finds hardest."""
+    notes = _as_notes(notes)
+    sounding = notes_to_targets(notes, num_frames, frame_rate)["frame"]
+    masked = notes_to_targets(notes[harmonically_masked(notes)], num_frames, frame_rate)["frame"]
+    return (1.0 + (weight - 1.0) * masked * sounding).astype(np.float32)
+
+
 def _cut_at_restrikes(keys: np.ndarray, starts: np.ndarray, stops: np.ndarray) -> np.ndarray:
     """End each note no later than the next onset of the same key (notes sorted by onset)."""
     stops = stops.copy()
