@@ -4,8 +4,8 @@ from scipy import signal as scipy_signal
 
 from musefm.config import from_dict, to_dict
 from musefm.audio.augment import (
-    AudioAugmentConfig, _biquad, _phase_vocoder, add_noise, add_reverb, apply_gain, augment, detune, mix_in,
-    pitch_shift, random_eq, random_lowpass, time_stretch,
+    AudioAugmentConfig, _biquad, _phase_vocoder, add_noise, add_reverb, apply_gain, augment, detune, pitch_shift,
+    random_eq, random_lowpass, time_stretch,
 )
 from musefm.errors import MusefmError
 
@@ -76,16 +76,6 @@ def test_gain_and_its_clipping_guard():
     np.testing.assert_allclose(apply_gain(audio, 6.0), audio * 10 ** (6 / 20), rtol=1e-6)
     loud = apply_gain(audio, 40.0)  # x100 would clip: rescaled to peak 1 instead
     assert np.max(np.abs(loud)) == pytest.approx(1.0) and np.allclose(loud / np.max(loud), audio / np.max(audio), atol=1e-6)
-
-
-def test_mix_in_adds_the_other_window_at_its_gain_and_never_clips():
-    audio, other = sine(440, 0.1, amplitude=0.3), sine(660, 0.1, amplitude=0.3)
-    np.testing.assert_allclose(mix_in(audio, other, -6.0), audio + other * 10 ** (-6 / 20), rtol=1e-5, atol=1e-7)
-    loud = mix_in(audio, other * 3, 0.0)  # would clip: the sum is rescaled to peak 1 instead
-    expected = audio.astype(np.float64) + 3 * other
-    assert np.max(np.abs(loud)) == pytest.approx(1.0) and np.allclose(loud, expected / np.abs(expected).max(), atol=1e-6)
-    with pytest.raises(MusefmError, match="equal lengths"):
-        mix_in(audio, other[:100], 0.0)
 
 
 @pytest.mark.parametrize("snr_db", [0.0, 10.0, 30.0])

@@ -1,8 +1,7 @@
 """Audio augmentation that keeps note labels true.
 
 Pitch shift and time stretch move the notes with the audio; detuning (less than half a semitone)
-rescales their times only; gain, noise, EQ, low-pass and reverb leave them as they are; mixing in
-another window adds its notes. Every
+rescales their times only; gain, noise, EQ, low-pass and reverb leave them as they are. Every
 function is deterministic given its arguments (randomness only through the ``np.random.Generator``
 passed in), returns float32 within [-1, 1] (rescaled, never clipped), and never produces NaN.
 """
@@ -152,15 +151,6 @@ def apply_gain(audio: np.ndarray, gain_db: float) -> np.ndarray:
     return _keep_in_range(_check(audio).astype(np.float64) * 10.0 ** (gain_db / 20.0))
 
 
-def mix_in(audio: np.ndarray, other: np.ndarray, gain_db: float) -> np.ndarray:
-    """``audio`` with ``other`` (the same length) added ``gain_db`` relative to its own level, rescaled
-    if the sum would clip. Both pieces' notes are then the labels (see ``TranscriptionWindows``)."""
-    audio, other = _check(audio), _check(other)
-    if audio.shape != other.shape:
-        raise MusefmError(f"mix_in needs equal lengths, got {audio.shape} and {other.shape}")
-    return _keep_in_range(audio.astype(np.float64) + other.astype(np.float64) * 10.0 ** (gain_db / 20.0))
-
-
 def add_noise(audio: np.ndarray, snr_db: float, rng: np.random.Generator) -> np.ndarray:
     """White Gaussian noise scaled so signal power / noise power is exactly ``snr_db``. Silence
     has no signal power to be relative to, so it is returned unchanged."""
@@ -243,11 +233,6 @@ class AudioAugmentConfig:
     gain_db: tuple[float, float] = (-6.0, 6.0)
     noise_probability: float = 0.3
     noise_snr_db: tuple[float, float] = (15.0, 40.0)
-    # Another training window (other music, augmented on its own) added at mix_gain_db: more
-    # polyphony, and soft notes under louder ones' partials, the hardest notes to hear. Applied by
-    # TranscriptionWindows, which reads the second window; its notes join the labels.
-    mix_probability: float = 0.0
-    mix_gain_db: tuple[float, float] = (-18.0, -3.0)
 
     def __post_init__(self):
         for field in dataclasses.fields(self):

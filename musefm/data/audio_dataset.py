@@ -103,9 +103,7 @@ class TranscriptionWindows:
     """Windows of one split as training items: ``audio`` (samples,), and ``onset``, ``offset``,
     ``frame``, ``velocity`` targets (frames, 88) with frames = samples // hop_length + 1; with
     ``masked_note_weight`` != 1 also ``loss_weight`` (frames, 88), that weight on the frames of
-    harmonically masked notes (``musefm.transcription.labels.masked_note_weights``); with
-    ``augment.mix_probability`` > 0 also ``velocity_mask`` (frames, 88), the onsets whose velocity
-    labels hold (those of the item's own window, not of a window mixed into it)."""
+    harmonically masked notes (``musefm.transcription.labels.masked_note_weights``)."""
 
     def __init__(self, dataset: AudioDataset, split: str, segment_seconds: float, sample_rate: int, hop_length: int,
                  augment=None, seed: int = 0, jitter: bool = True, masked_note_weight: float = 1.0):
@@ -128,10 +126,12 @@ class TranscriptionWindows:
     def __len__(self) -> int:
         return len(self.items)
 
-    def _window(self, index: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        """Item ``index``'s audio (segment samples,) and its notes in window time, jittered and augmented."""
+    def __getitem__(self, index: int) -> dict:
+        from musefm.transcription.labels import masked_note_weights, notes_to_targets
+
         number, start = self.items[index]
         row = self.rows[number]
+        rng = np.random.default_rng([self.seed, self.epoch, index])
         if self.jitter:  # a random phase per epoch, so window edges fall on different notes each time
             start = max(0.0, min(start + rng.uniform(-0.5, 0.5) * self.segment_seconds, row["seconds"] - self.segment_seconds))
         # A window sped up by time stretching or detuning must still fill the segment: read enough audio.
@@ -147,32 +147,13 @@ class TranscriptionWindows:
 
             audio, notes = augment(audio, self.sample_rate, notes, self.augment, rng)
         samples = int(round(self.segment_seconds * self.sample_rate))
-        return np.pad(audio[:samples], (0, max(0, samples - len(audio)))).astype(np.float32), notes
-
-    def __getitem__(self, index: int) -> dict:
-        from musefm.transcription.labels import masked_note_weights, notes_to_targets
-
-        audio, notes = self._window(index, np.random.default_rng([self.seed, self.epoch, index]))
-        frames = len(audio) // self.hop_length + 1
-        rate = self.sample_rate / self.hop_length
-        own_targets = targets = notes_to_targets(notes, frames, rate)
-        mixing = self.augment is not None and self.augment.mix_probability > 0
-        if mixing:  # its own generator: with mixing off, every other draw is as it was
-            mix_rng = np.random.default_rng([self.seed, self.epoch, index, 1])
-            if mix_rng.random() < self.augment.mix_probability:
-                from musefm.audio.augment import mix_in
-
-                other_audio, other_notes = self._window(int(mix_rng.integers(len(self.items))), mix_rng)
-                audio = mix_in(audio, other_audio, float(mix_rng.uniform(*self.augment.mix_gain_db)))
-                notes = np.concatenate([notes, other_notes])
-                targets = notes_to_targets(notes, frames, rate)
+        audio = np.pad(audio[:samples], (0, max(0, samples - len(audio)))).astype(np.float32)
+        frames = samples // self.hop_length + 1
+        targets = notes_to_targets(notes, frames, self.sample_rate / self.hop_length)
         item = {"audio": torch.from_numpy(audio)}
         item.update({name: torch.from_numpy(np.ascontiguousarray(targets[name], dtype=np.float32))
-                     for name in ("onset", "offset", "frame")})
-        # Velocities are labels of loudness: a mixed-in note, scaled by the mix gain, has none that holds.
-        item["velocity"] = torch.from_numpy(own_targets["velocity"])
-        if mixing:
-            item["velocity_mask"] = torch.from_numpy(own_targets["onset"])
+                     for name in ("onset", "offset", "frame", "velocity")})
         if self.masked_note_weight != 1.0:
+            rate = self.sample_rate / self.hop_length
             item["loss_weight"] = torch.from_numpy(masked_note_weights(notes, frames, rate, self.masked_note_weight))
         return item

@@ -189,8 +189,7 @@ class Transcriber(PretrainedModel):
     def loss(self, batch: dict) -> tuple[torch.Tensor, dict, None]:
         """Onset/offset/frame BCE + velocity MSE at onsets; batch holds ``audio`` (B, samples) and
         targets ``onset``, ``offset``, ``frame``, ``velocity`` (B, T, 88) with T = samples // hop + 1,
-        and optionally ``loss_weight`` (B, T, 88), weighting the onset and frame BCE per frame and key,
-        and ``velocity_mask`` (B, T, 88), the onsets the velocity loss scores (default: all)."""
+        and optionally ``loss_weight`` (B, T, 88), weighting the onset and frame BCE per frame and key."""
         config = self.config
         logits = self(batch["audio"])
         weight = batch.get("loss_weight")
@@ -199,9 +198,8 @@ class Transcriber(PretrainedModel):
             losses[name] = F.binary_cross_entropy_with_logits(logits[name].float(), batch[name],
                                                               weight=None if name == "offset" else weight)
         onsets = batch["onset"]
-        scored = batch.get("velocity_mask", onsets)  # onsets whose velocity labels hold
         velocity = torch.sigmoid(logits["velocity"].float())
-        losses["velocity"] = (scored * (velocity - batch["velocity"]).square()).sum() / scored.sum().clamp_min(1.0)
+        losses["velocity"] = (onsets * (velocity - batch["velocity"]).square()).sum() / onsets.sum().clamp_min(1.0)
         total = (config.onset_weight * losses["onset"] + config.offset_weight * losses["offset"]
                  + config.frame_weight * losses["frame"] + config.velocity_weight * losses["velocity"])
         with torch.no_grad():  # frame-level F1 of onsets at 0.5: a cheap progress signal
