@@ -73,8 +73,9 @@ HARMONIC_INTERVALS = (12, 19, 24, 28, 31)
 def harmonically_masked(notes: np.ndarray, tolerance: float = 0.03) -> np.ndarray:
     """Which notes start while a louder note sounds one of whose 2nd..6th partials lands on their key:
     bool ``(N,)``. The hardest notes to hear on a piano: a soft note an octave or a twelfth above a loud
-    one adds little energy that the loud note's partials do not already explain (the held-out misses of
-    the shipped model are mostly these). ``tolerance``: seconds by which the louder note may start later.
+    one adds little energy that the loud note's partials do not already explain (the kind of note the
+    shipped model misses most on an unfamiliar piano). ``tolerance``: seconds by which the louder note
+    may start later.
     """
     notes = _as_notes(notes)
     onset, offset, pitch, velocity = (notes[:, column] for column in range(4))
