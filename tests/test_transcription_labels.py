@@ -69,11 +69,12 @@ def test_harmonically_masked_notes_are_softer_ones_on_a_louder_notes_partials():
 
 def test_masked_note_weights_weigh_only_the_sounding_frames_of_masked_notes():
     notes = np.array([[0.0, 0.5, 48, 90], [0.1, 0.3, 60, 50], [0.1, 0.3, 64, 50]])  # C3; C4 masked, E4 not
-    weights = masked_note_weights(notes, 60, RATE, 3.0)
+    sounding = notes_to_targets(notes, 60, RATE)["frame"]
+    weights = masked_note_weights(notes, sounding, RATE, 3.0)
     assert weights.shape == (60, NUM_KEYS) and weights.dtype == np.float32
     assert np.flatnonzero(weights[:, C4] == 3.0).tolist() == list(range(10, 30))  # onset frame to offset
     assert (weights == 3.0).sum() == 20 and set(np.unique(weights).tolist()) == {1.0, 3.0}
-    assert (masked_note_weights(notes, 60, RATE, 1.0) == 1.0).all()
+    assert (masked_note_weights(notes, sounding, RATE, 1.0) == 1.0).all()
 
 
 def test_out_of_range_pitches_and_clipping():

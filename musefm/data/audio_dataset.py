@@ -148,12 +148,12 @@ class TranscriptionWindows:
             audio, notes = augment(audio, self.sample_rate, notes, self.augment, rng)
         samples = int(round(self.segment_seconds * self.sample_rate))
         audio = np.pad(audio[:samples], (0, max(0, samples - len(audio)))).astype(np.float32)
-        frames = samples // self.hop_length + 1
-        targets = notes_to_targets(notes, frames, self.sample_rate / self.hop_length)
+        rate = self.sample_rate / self.hop_length
+        targets = notes_to_targets(notes, samples // self.hop_length + 1, rate)
         item = {"audio": torch.from_numpy(audio)}
         item.update({name: torch.from_numpy(np.ascontiguousarray(targets[name], dtype=np.float32))
                      for name in ("onset", "offset", "frame", "velocity")})
         if self.masked_note_weight != 1.0:
-            rate = self.sample_rate / self.hop_length
-            item["loss_weight"] = torch.from_numpy(masked_note_weights(notes, frames, rate, self.masked_note_weight))
+            weights = masked_note_weights(notes, targets["frame"], rate, self.masked_note_weight)
+            item["loss_weight"] = torch.from_numpy(weights)
         return item

@@ -86,13 +86,14 @@ def harmonically_masked(notes: np.ndarray, tolerance: float = 0.03) -> np.ndarra
     return (sounding & louder & partial).any(axis=1)
 
 
-def masked_note_weights(notes: np.ndarray, num_frames: int, frame_rate: float, weight: float) -> np.ndarray:
-    """Loss weights float32 ``(num_frames, 88)``: ``weight`` on the sounding frames (onset included)
-    of ``harmonically_masked`` notes, 1 elsewhere, so training leans on the notes it finds hardest."""
+def masked_note_weights(notes: np.ndarray, frame_roll: np.ndarray, frame_rate: float, weight: float) -> np.ndarray:
+    """Loss weights float32 ``(frames, 88)``: ``weight`` on the sounding frames (onset included) of
+    ``harmonically_masked`` notes, 1 elsewhere, so training leans on the notes it finds hardest.
+    ``frame_roll``: all the notes' ``notes_to_targets(...)["frame"]``, which the caller already has;
+    it keeps the weights off frames where a re-strike of the key has cut a masked note short."""
     notes = _as_notes(notes)
-    sounding = notes_to_targets(notes, num_frames, frame_rate)["frame"]
-    masked = notes_to_targets(notes[harmonically_masked(notes)], num_frames, frame_rate)["frame"]
-    return (1.0 + (weight - 1.0) * masked * sounding).astype(np.float32)
+    masked = notes_to_targets(notes[harmonically_masked(notes)], len(frame_roll), frame_rate)["frame"]
+    return (1.0 + (weight - 1.0) * masked * frame_roll).astype(np.float32)
 
 
 def _cut_at_restrikes(keys: np.ndarray, starts: np.ndarray, stops: np.ndarray) -> np.ndarray:
