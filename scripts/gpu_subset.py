@@ -17,7 +17,9 @@ audio (train + valid) is at most that size, so the tree still fits a device tran
 PROGRAMS (e.g. 0,1,2,3: acoustic grand, bright, electric grand, honky-tonk) re-renders the training
 pieces' MIDI with General MIDI programs taken in turn, for timbres beyond the two soundfonts' grand
 piano; the notes stay those of the MIDI that was rendered. The 2026-11-26 run used seed 3, 34 MB and
-programs 0,1,2,3 (after seed 2 at 34 MB with the piano alone).
+programs 0,1,2,3 (after seed 2 at 34 MB with the piano alone). Stage 12 (2026-11-27) drew from the
+three builds (timgm6mb, fluidr3, Salamander, mellow Salamander in turn): seed 5 at 49 MB, then seed 6
+at 46 MB (the second run also carried its starting model, 5.9 MB in fp16).
 """
 import json
 import random

@@ -1,34 +1,45 @@
 #!/bin/bash
-# How the shipped transcriber was trained on a lent GPU machine (H200, 6.3 minutes, batch 16):
-# the device tool runs this from the repository root with .whl (wheels of the packages its image
-# lacks) and .gpudata (scripts/gpu_subset.py's output) carried; $OUT comes back.
-# A 20-step smoke run first, then the recipe (transcriber_small) with GPU settings.
-# The fine-tuning run that followed used the same command with the second subset and
-#   init_from=shipped train.max_steps=2400 train.max_minutes=4.5 train.lr=0.0004 train.warmup_steps=50
-#   tune_decoding=false 'augment.pitch_shift_semitones=[-3,5]' augment.pitch_shift_probability=0.5
-# The second fine-tuning (8.1 minutes, beside the GPU label-efficiency study) used the third subset
-# (gpu_subset.py ... 2 34) and
-#   init_from=shipped train.max_steps=4430 train.max_minutes=8.1 train.lr=0.0004 train.warmup_steps=50
-#   train.loader_threads=12 tune_decoding=false 'augment.pitch_shift_semitones=[-3,5]'
-#   augment.pitch_shift_probability=0.5
-# with max_steps set from the rate of a 150-step run (9.8 steps/s), so the cosine schedule ends on time;
-# the thresholds were then tuned on the full dataset's validation split (tune_split) on a CPU.
-# The next GPU run should draw its subset from all three timbres (the CPU stage after those runs
-# added the Salamander piano): gpu_subset.py data/piano-audio,data/piano-salamander .gpudata/X SEED 34
+# How the shipped transcriber was trained on lent GPU machines (the device tool runs this from the
+# repository root with .whl, wheels of the packages the image lacks, and the subset carried; $OUT
+# comes back with the last and the half-way checkpoint, metrics.jsonl and the log).
+#
+#   DATA=.gpudata/piano-4 INIT=shipped LR=0.0003 LIMIT=540 bash scripts/gpu_train_transcriber.sh
+#
+# Without STEPS, a 150-step run first measures the rate (steps/s) and max_steps is set so the cosine
+# schedule ends when the time (LIMIT seconds for the whole script, less 50 for the end) runs out.
+# Stage 12 (2026-11-27, H200): DATA from `scripts/gpu_subset.py data/piano-audio,data/piano-salamander,
+# data/piano-mellow .gpudata/piano-4 5 49` (all four training timbres, 3.5 h), INIT=shipped (stage 11),
+# LR=0.0003, LIMIT=540: 8.5 steps/s, 3,708 steps of 16 in 7.3 minutes; then INIT=that model in fp16,
+# DATA from `gpu_subset.py ... .gpudata/piano-5 6 46` (3.3 h, other pieces), LR=0.0002, WARMUP=30, STEPS=1650,
+# MINUTES=3.3. Thresholds were then tuned on the full datasets' validation split on a CPU.
+# Earlier stages (1-5) used this recipe without masked_note_weight and the detune / low-pass
+# augmentations (added in stages 6-11, on a CPU), from scratch at lr 8e-4 and then init_from=shipped.
+T0=$(date +%s)
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-python3 -m musefm train-transcriber --config transcriber_small --data .gpudata/piano-ogg --out /tmp/smoke \
-  train.max_steps=20 train.batch_size=16 train.loader_threads=14 train.precision=fp32 train.log_every=5 \
-  train.eval_every=20 train.eval_batches=2 final_split= 2>&1 | tail -6 || exit 1
-python3 -m musefm train-transcriber --config transcriber_small --data .gpudata/piano-ogg --out /tmp/run \
-  train.max_steps=${STEPS:-4000} train.max_minutes=${MINUTES:-6.3} train.batch_size=16 train.lr=0.0008 \
-  train.loader_threads=14 train.precision=fp32 train.log_every=100 train.eval_every=1000 train.eval_batches=10 \
-  train.save_every=100000 final_split= 2>&1 | tee $OUT/train.log | grep -v "^step" | tail -5
-tail -3 $OUT/train.log
+COMMON="--config transcriber_small --data ${DATA:-.gpudata/piano-4} init_from=${INIT:-shipped} masked_note_weight=1.7 \
+ augment.pitch_shift_probability=0.5 augment.pitch_shift_semitones=[-3,5] augment.detune_probability=0.5 \
+ augment.lowpass_probability=0.3 train.batch_size=16 train.loader_threads=14 train.precision=fp32 \
+ train.lr=${LR:-0.0003} train.warmup_steps=${WARMUP:-50} final_split= tune_decoding=false"
+if [ -z "$STEPS" ]; then
+  python3 -m musefm train-transcriber --out /tmp/cal $COMMON train.max_steps=150 train.log_every=25 \
+    train.eval_every=100000 train.eval_batches=1 train.save_every=100000 2>&1 | tail -1
+  RATE=$(python3 -c "
+import json; t={d['step']:d['time'] for d in map(json.loads,open('/tmp/cal/metrics.jsonl')) if d['split']=='train'}
+print(100/(t[150]-t[50]))")
+  LEFT=$(( ${LIMIT:-540} - ($(date +%s) - T0) - 50 ))
+  STEPS=$(python3 -c "print(int($RATE*$LEFT*0.96))")
+  MINUTES=$(python3 -c "print(round(($LEFT-15)/60,2))")
+  echo "rate $RATE steps/s, $LEFT s left -> $STEPS steps"
+fi
+mkdir -p $OUT/final $OUT/half
+python3 -m musefm train-transcriber --out /tmp/run $COMMON train.max_steps=$STEPS train.max_minutes=${MINUTES:-7} \
+  train.log_every=100 train.eval_every=$((STEPS/2)) train.eval_batches=8 train.save_every=$((STEPS/2)) 2>&1 \
+  | tee $OUT/train.log | grep -v "^step" | tail -4
 latest=/tmp/run/checkpoints/$(cat /tmp/run/checkpoints/latest)
-mkdir -p $OUT/final $OUT/best
 cp $latest/config.json $latest/model.safetensors $OUT/final/
-cp /tmp/run/best/config.json /tmp/run/best/model.safetensors /tmp/run/best/metrics.json $OUT/best/ 2>/dev/null
+half=/tmp/run/checkpoints/$(printf "step-%08d" $((STEPS/2)))
+[ -d $half ] && cp $half/model.safetensors $OUT/half/
 cp /tmp/run/metrics.jsonl $OUT/
-ls -la $OUT $OUT/final
+echo "done at $(( $(date +%s) - T0 )) s"
