@@ -38,7 +38,7 @@ class TranscriberTrainConfig:
     # Loss weight of the onset and frame labels of notes a louder note's partials mask (a soft note an
     # octave or twelfth above a loud one: labels.harmonically_masked); 1 weighs every note alike. It
     # trades: 3 found more of them on an unfamiliar piano (recall 0.715 -> 0.760) and fewer repeated
-    # notes, for note F1 -0.002 on validation; the shipped model used 1.7 (its model card, stages 10-11).
+    # notes, for note F1 -0.002 on validation; the shipped model used 1.7 (its model card, stages 11-13).
     masked_note_weight: float = 1.0
     final_split: str = "valid"  # transcribed and scored with mir_eval after training ("" = skip)
     final_limit: int = 0  # at most this many files in the final tuning and scoring (0: all)
