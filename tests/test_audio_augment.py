@@ -5,7 +5,7 @@ from scipy import signal as scipy_signal
 from musefm.config import from_dict, to_dict
 from musefm.audio.augment import (
     AudioAugmentConfig, _biquad, _phase_vocoder, add_noise, add_reverb, apply_gain, augment, detune, pitch_shift,
-    random_eq, random_lowpass, time_stretch,
+    random_eq, random_graphic_eq, random_lowpass, time_stretch,
 )
 from musefm.errors import MusefmError
 
@@ -16,7 +16,7 @@ NO_AUGMENTATION = AudioAugmentConfig(pitch_shift_probability=0.0, time_stretch_p
                                      detune_probability=0.0, lowpass_probability=0.0)
 ALWAYS = AudioAugmentConfig(pitch_shift_probability=1.0, time_stretch_probability=1.0, eq_probability=1.0,
                             reverb_probability=1.0, gain_probability=1.0, noise_probability=1.0,
-                            detune_probability=1.0, lowpass_probability=1.0)
+                            detune_probability=1.0, lowpass_probability=1.0, graphic_eq_probability=1.0)
 
 
 def sine(frequency, seconds, amplitude=0.5):
@@ -107,6 +107,23 @@ def test_random_eq_is_seeded_and_bounded():
     assert np.array_equal(first, random_eq(audio, SR, np.random.default_rng(3)))
     assert not np.array_equal(first, random_eq(audio, SR, np.random.default_rng(4)))
     assert first.shape == audio.shape and np.isfinite(first).all() and np.max(np.abs(first)) <= 1.0
+
+
+def test_random_graphic_eq_sets_each_partial_to_its_band_gain():
+    # A 160 Hz tone and its octave, each at a third-octave band centre (40 Hz * 2^(k/3), k = 6, 9):
+    # each comes out scaled by its own band's drawn gain, so their balance changes.
+    low, high = 40.0 * 2 ** 2, 40.0 * 2 ** 3
+    audio = sine(low, 2.0, 0.05) + sine(high, 2.0, 0.05)
+    shaped = random_graphic_eq(audio, SR, np.random.default_rng(3))
+    assert np.array_equal(shaped, random_graphic_eq(audio, SR, np.random.default_rng(3)))
+    gains_db = np.random.default_rng(3).uniform(-6.0, 6.0, 24)  # the 24 band gains (40 Hz..8 kHz), drawn in order
+    middle = slice(SR // 2, 3 * SR // 2)  # a whole number of both tones' periods
+    times = np.arange(2 * SR)[middle] / SR
+    for band, frequency in ((6, low), (9, high)):
+        amplitude = 2 * np.hypot(np.mean(shaped[middle] * np.sin(2 * np.pi * frequency * times)),
+                                 np.mean(shaped[middle] * np.cos(2 * np.pi * frequency * times)))
+        assert 20 * np.log10(amplitude / 0.05) == pytest.approx(gains_db[band], abs=0.2)
+    assert shaped.shape == audio.shape and shaped.dtype == np.float32
 
 
 @pytest.mark.parametrize("cents", [30.0, -45.0])

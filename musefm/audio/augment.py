@@ -195,6 +195,29 @@ def random_eq(audio: np.ndarray, sample_rate: int, rng: np.random.Generator, max
     return _keep_in_range(scipy_signal.sosfilt(sections, audio))
 
 
+def random_graphic_eq(audio: np.ndarray, sample_rate: int, rng: np.random.Generator, max_gain_db: float = 6.0,
+                      bands_per_octave: int = 3) -> np.ndarray:
+    """A graphic EQ: an independent gain within +-``max_gain_db`` for every 1/``bands_per_octave``-octave
+    band from 40 Hz up, linear in dB between band centres, applied with zero phase. Unlike the
+    three broad bands of ``random_eq``, a note's partials land in different bands, so their balance
+    changes (the second partial of a piano note lies three third-octave bands above the first):
+    the spectra of other pianos, which a model must not mistake for other notes."""
+    audio = _check(audio).astype(np.float64)
+    if audio.size == 0:
+        return audio.astype(np.float32)
+    lowest, nyquist = 40.0, sample_rate / 2.0
+    centres = lowest * 2.0 ** (np.arange(int(math.log2(nyquist / lowest) * bands_per_octave) + 2) / bands_per_octave)
+    gains_db = rng.uniform(-max_gain_db, max_gain_db, len(centres))
+    # The filter's impulse response lasts about as long as its narrowest band (a few tens of ms at
+    # 40 Hz); padding by 0.25 s keeps the FFT's circular convolution from wrapping the end onto the start.
+    padded = len(audio) + int(0.25 * sample_rate)
+    spectrum = np.fft.rfft(audio, n=padded)
+    frequencies = np.fft.rfftfreq(padded, 1.0 / sample_rate)
+    log_frequencies = np.log2(np.maximum(frequencies, lowest))  # below 40 Hz: the lowest band's gain
+    curve_db = np.interp(log_frequencies, np.log2(centres), gains_db)
+    return _keep_in_range(np.fft.irfft(spectrum * 10.0 ** (curve_db / 20.0), n=padded)[: len(audio)])
+
+
 def add_reverb(audio: np.ndarray, sample_rate: int, rng: np.random.Generator,
                rt60_range: tuple[float, float] = (0.2, 1.0), wet_range: tuple[float, float] = (0.1, 0.4)) -> np.ndarray:
     """Mix in the audio convolved with a synthetic room: Gaussian noise under an exponential decay
@@ -224,6 +247,10 @@ class AudioAugmentConfig:
     time_stretch_rate: tuple[float, float] = (0.9, 1.1)
     eq_probability: float = 0.3
     eq_max_gain_db: float = 6.0
+    # Off by default, so that the recipe's earlier stages train as they did; stage 14 of the shipped
+    # model turned it on.
+    graphic_eq_probability: float = 0.0
+    graphic_eq_max_gain_db: float = 6.0
     lowpass_probability: float = 0.15
     lowpass_cutoff_hz: tuple[float, float] = (800.0, 4000.0)
     reverb_probability: float = 0.2
@@ -264,13 +291,13 @@ class AudioAugmentConfig:
 def augment(audio: np.ndarray, sample_rate: int, notes: np.ndarray, config: AudioAugmentConfig,
             rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Apply each augmentation with its probability, in a fixed order: pitch, detune, tempo, EQ,
-    low-pass, reverb, gain, then noise (last, so its SNR is against the finished signal). Each step
+    graphic EQ, low-pass, reverb, gain, then noise (last, so its SNR is against the finished signal). Each step
     draws from its own child generator, so changing one step's settings never changes another
     step's draws (the steps added later take the later children)."""
     audio = _check(audio, notes)
     notes = np.array(notes, dtype=np.float64)
     c = config
-    pitch_rng, stretch_rng, eq_rng, reverb_rng, gain_rng, noise_rng, detune_rng, lowpass_rng = rng.spawn(8)
+    pitch_rng, stretch_rng, eq_rng, reverb_rng, gain_rng, noise_rng, detune_rng, lowpass_rng, graphic_eq_rng = rng.spawn(9)
     if pitch_rng.random() < c.pitch_shift_probability:
         semitones = int(pitch_rng.integers(c.pitch_shift_semitones[0], c.pitch_shift_semitones[1] + 1))
         audio, notes = pitch_shift(audio, sample_rate, notes, semitones)
@@ -280,6 +307,8 @@ def augment(audio: np.ndarray, sample_rate: int, notes: np.ndarray, config: Audi
         audio, notes = time_stretch(audio, sample_rate, notes, float(stretch_rng.uniform(*c.time_stretch_rate)))
     if eq_rng.random() < c.eq_probability:
         audio = random_eq(audio, sample_rate, eq_rng, c.eq_max_gain_db)
+    if graphic_eq_rng.random() < c.graphic_eq_probability:
+        audio = random_graphic_eq(audio, sample_rate, graphic_eq_rng, c.graphic_eq_max_gain_db)
     if lowpass_rng.random() < c.lowpass_probability:
         audio = random_lowpass(audio, sample_rate, lowpass_rng, c.lowpass_cutoff_hz)
     if reverb_rng.random() < c.reverb_probability:
