@@ -291,9 +291,9 @@ class AudioAugmentConfig:
 def augment(audio: np.ndarray, sample_rate: int, notes: np.ndarray, config: AudioAugmentConfig,
             rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Apply each augmentation with its probability, in a fixed order: pitch, detune, tempo, EQ,
-    graphic EQ, low-pass, reverb, gain, then noise (last, so its SNR is against the finished signal). Each step
-    draws from its own child generator, so changing one step's settings never changes another
-    step's draws (the steps added later take the later children)."""
+    graphic EQ, low-pass, reverb, gain, then noise (last, so its SNR is against the finished
+    signal). Each step draws from its own child generator, so changing one step's settings never
+    changes another step's draws (the steps added later take the later children)."""
     audio = _check(audio, notes)
     notes = np.array(notes, dtype=np.float64)
     c = config
