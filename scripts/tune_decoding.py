@@ -18,8 +18,8 @@ from pathlib import Path
 
 from musefm.audio.render import RenderJob, render_batch
 from musefm.data.audio_dataset import open_audio_datasets
+from musefm.recipes.train_transcriber import tune_split
 from musefm.transcription.postprocess import read_notes_csv
-from musefm.transcription.transcribe import load_transcriber, tune_decoding, write_decode_config
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("model_dir", type=Path)
@@ -30,8 +30,6 @@ parser.add_argument("--programs", default="2,3", help="General MIDI programs to 
 parser.add_argument("--work", type=Path, default=Path("runs/unseen-valid"))
 args = parser.parse_args()
 
-seen = open_audio_datasets(args.data)
-examples = [(seen.path(row["audio"]), read_notes_csv(seen.path(row["notes"]))) for row in seen.split("valid")]
 source = open_audio_datasets(args.render_from or args.data.split(",")[0])
 pieces = {row["piece"]: row for row in source.split("valid")}.values()  # one render per piece
 jobs, unseen = [], []
@@ -40,15 +38,11 @@ for soundfont in args.soundfonts.split(","):
         for row in pieces:
             wav = args.work / f"{soundfont}-program{program}" / (Path(row["midi"]).stem + ".wav")
             if not wav.exists():
-                wav.parent.mkdir(parents=True, exist_ok=True)
                 jobs.append(RenderJob(source.path(row["midi"]), wav, soundfont, program))
             unseen.append((wav, read_notes_csv(source.path(row["notes"]))))  # the notes of the MIDI rendered
 for problem in filter(None, render_batch(jobs, sample_rate=16000)):
     sys.exit(f"tune_decoding: {problem}")
 
-model = load_transcriber(args.model_dir)
-decode, scores = tune_decoding(model, examples + unseen)
-write_decode_config(args.model_dir, decode)
-print(f"{len(examples)} validation files and {len(unseen)} renders in unseen timbres: onset {decode.onset_threshold}, "
-      f"frame {decode.frame_threshold}, frame-supported onsets {decode.frame_onset_threshold}: "
-      f"mean note F1 {scores['note_f1']:.4f}, with offsets {scores['note_offset_f1']:.4f}")
+scores = tune_split(args.model_dir, open_audio_datasets(args.data), "valid", stream=sys.stdout, extra=unseen)
+print(f"(the {len(unseen)} more: renders in unseen timbres; mean note F1 {scores['note_f1']:.4f}, "
+      f"with offsets {scores['note_offset_f1']:.4f})")

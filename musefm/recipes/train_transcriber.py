@@ -124,8 +124,9 @@ def main(config: TranscriberTrainConfig, resume: bool = False, overwrite: bool =
     return summary
 
 
-def tune_split(model_dir: Path, dataset, split: str, limit: int = 0, stream=None) -> dict:
-    """Choose the decoding thresholds on ``split`` and save them beside the model (decode.json)."""
+def tune_split(model_dir: Path, dataset, split: str, limit: int = 0, stream=None, extra=()) -> dict:
+    """Choose the decoding thresholds on ``split`` (and ``extra`` examples, (audio path, notes) pairs
+    such as the split's pieces in other timbres) and save them beside the model (decode.json)."""
     from dataclasses import asdict
 
     from musefm.transcription.postprocess import read_notes_csv
@@ -133,10 +134,11 @@ def tune_split(model_dir: Path, dataset, split: str, limit: int = 0, stream=None
 
     rows = dataset.split(split)[: limit or None]
     examples = [(dataset.path(row["audio"]), read_notes_csv(dataset.path(row["notes"]))) for row in rows]
-    decode, scores = tune_decoding(load_transcriber(model_dir), examples)
+    decode, scores = tune_decoding(load_transcriber(model_dir), examples + list(extra))
     write_decode_config(model_dir, decode)
     if stream is not None:
-        print(f"decoding thresholds chosen on {split} ({len(rows)} files): onset {decode.onset_threshold}, "
+        also = f" and {len(extra)} more" if extra else ""
+        print(f"decoding thresholds chosen on {split} ({len(rows)} files{also}): onset {decode.onset_threshold}, "
               f"frame {decode.frame_threshold}, frame-supported onsets {decode.frame_onset_threshold} "
               f"(note F1 {scores['note_f1']:.3f})", file=stream)
     return asdict(decode) | scores
