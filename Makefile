@@ -7,8 +7,10 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.musefm-installed
 # fluidsynth renders MIDI with soundfonts (it brings a General MIDI soundfont); the MuseScore
-# soundfont is the second timbre used for audio augmentation.
-DEBS := fluidsynth musescore-general-soundfont-small timgm6mb-soundfont fluid-soundfont-gm
+# soundfont is the held-out test timbre; csound's GM bank and FreePats (rendered by TiMidity++) are
+# further piano timbres for training.
+DEBS := fluidsynth musescore-general-soundfont-small timgm6mb-soundfont fluid-soundfont-gm \
+	csound-soundfont timidity freepats
 
 # Optional: the Salamander Grand Piano samples (npm packages, 78 MB) for `--soundfonts salamander`.
 SAMPLES ?= $(or $(MUSEFM_SAMPLES),$(HOME)/.cache/musefm/samples)

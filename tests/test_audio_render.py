@@ -170,3 +170,39 @@ def test_mellow_variant_leaves_treble_notes_nearly_pure_and_the_bass_rich(tmp_pa
     treble_cut, treble_f0_lost = extra_cut(84)  # C6 and C2, both sampled keys
     assert treble_cut > 10.0 and treble_f0_lost < 6.0  # the fundamental itself is kept
     assert abs(extra_cut(36)[0]) < 3.0
+
+
+@pytest.mark.parametrize("font", ["gmbank", "freepats"])
+def test_debian_piano_timbres_render_in_time_and_in_tune(font, tmp_path):
+    """csound's GM bank (FluidSynth) and FreePats (TiMidity++, which would cut the leading rest
+    without --preserve-silence) play E4 at 0.5 s; FreePats at about the level FluidR3 plays it
+    (TIMIDITY_GAIN; a soundfont plays at its own level through FluidSynth)."""
+    from symusic import Note, Score, Track
+
+    score = Score(480)
+    track = Track("piano", 0, False)
+    track.notes.append(Note(480, 960, 64, 90))  # 120 bpm: 0.5 s to 1.5 s
+    score.tracks.append(track)
+    midi = tmp_path / "note.mid"
+    score.dump_midi(str(midi))
+    assert soundfont_name(font) == font and soundfont_path(font).is_file()
+
+    def played(name: str) -> np.ndarray:
+        audio, rate = sf.read(render_midi(midi, tmp_path / f"{name}.wav", name, sample_rate=RATE))
+        assert rate == RATE
+        return audio.mean(axis=1)
+
+    audio, reference = played(font), played("fluidr3")
+    assert np.abs(audio[: int(0.45 * RATE)]).max() < 1e-3  # silent before the onset, which stays at 0.5 s
+    note = audio[int(0.52 * RATE): int(0.82 * RATE)]
+    spectrum = np.abs(np.fft.rfft(note * np.hanning(len(note)), 1 << 15))
+    peak = np.fft.rfftfreq(1 << 15, 1 / RATE)[np.argmax(spectrum[: 1 << 12])]  # strongest partial below 2 kHz
+    assert min(abs(12 * np.log2(peak / (harmonic * hertz(64)))) for harmonic in (1, 2, 3)) < 0.3
+    if font == "freepats":
+        from musefm.errors import BadInputError
+
+        (tmp_path / "bad.mid").write_bytes(b"not midi")
+        with pytest.raises(BadInputError, match=r"bad\.mid: timidity could not render it"):
+            render_midi(tmp_path / "bad.mid", tmp_path / "bad.wav", font, sample_rate=RATE)
+        reference_note = reference[int(0.52 * RATE): int(0.82 * RATE)]
+        assert abs(20 * np.log10(np.sqrt(np.mean(note ** 2)) / np.sqrt(np.mean(reference_note ** 2)))) < 6.0

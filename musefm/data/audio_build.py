@@ -52,7 +52,7 @@ FORMAT_VERSION = 1
 class AudioBuildConfig:
     sources: list[str] = field(default_factory=list)
     out: str = ""
-    soundfonts: list[str] = field(default_factory=lambda: ["timgm6mb"])  # names or .sf2/.sf3 paths
+    soundfonts: list[str] = field(default_factory=lambda: ["timgm6mb"])  # names or .sf2/.sf3/.sfz/.cfg paths
     test_soundfonts: list[str] = field(default_factory=list)  # test split only (empty: same as soundfonts)
     sample_rate: int = 16000
     piano: bool = True  # play every part on the piano (program 0); False keeps the score's programs
