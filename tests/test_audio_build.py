@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 
 import numpy as np
@@ -162,7 +163,7 @@ def test_render_command_renders_a_batch_with_a_chosen_program_and_skips_bad_file
 
 
 @needs_fluidsynth
-def test_datasets_of_other_soundfonts_train_as_one_and_never_leak_held_out_pieces(built, tmp_path):
+def test_datasets_of_other_soundfonts_train_as_one_and_never_leak_held_out_pieces(built, tmp_path, monkeypatch):
     from musefm.data.audio_dataset import open_audio_datasets
 
     root, _, _ = built
@@ -178,6 +179,10 @@ def test_datasets_of_other_soundfonts_train_as_one_and_never_leak_held_out_piece
     assert {row["soundfont"] for row in both.split("train")} == {"timgm6mb", "musescore"}
     for row in both.rows:  # every file still found, wherever the dataset lies
         assert both.path(row["audio"]).is_file() and both.path(row["notes"]).is_file()
+    # Given as relative paths (as on a command line), the files are found too.
+    monkeypatch.chdir(tmp_path)
+    relative = open_audio_datasets(f"{os.path.relpath(root / 'data', tmp_path)},more")
+    assert all(relative.path(row["notes"]).is_file() for row in relative.rows)
     windows = TranscriptionWindows(both, "train", segment_seconds=2.0, sample_rate=16000, hop_length=320)
     assert windows[len(windows) - 1]["audio"].shape[0] == 32000
 

@@ -78,7 +78,7 @@ def open_audio_datasets(paths: str | list) -> AudioDataset:
             if row["id"] in seen_ids:
                 continue
             seen_ids.add(row["id"])
-            rows.append({**row, **{key: str(dataset.path(row[key])) for key in ("audio", "midi", "notes") if key in row}})
+            rows.append({**row, **{key: str(dataset.path(row[key]).resolve()) for key in ("audio", "midi", "notes") if key in row}})
     info = {**datasets[0].info, "parts": [str(dataset.root) for dataset in datasets]}
     return AudioDataset(datasets[0].root, info, rows)
 
