@@ -1,6 +1,7 @@
 # `make demo`: install everything, then run the main job on the bundled corpus.
 # `make test`: install everything, then run the tests.
-# Installing is done once; the stamp file makes re-runs fast until pyproject.toml changes.
+# Installing is done once; the stamp file makes re-runs fast until pyproject.toml or this file (its
+# Debian packages) changes.
 
 VENV ?= .venv
 PYTHON ?= python3
@@ -20,7 +21,7 @@ SALAMANDER := $(foreach layer,1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16,@audio-samp
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	  missing=""; for pkg in $(DEBS); do dpkg -s $$pkg >/dev/null 2>&1 || missing="$$missing $$pkg"; done; \
 	  if [ -n "$$missing" ]; then \

