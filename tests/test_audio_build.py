@@ -111,6 +111,37 @@ def test_training_windows_hold_audio_and_matching_targets(built):
         assert (weighted[index]["frame"].numpy()[weights > 1] == 1).all()
 
 
+@needs_fluidsynth
+def test_mixed_windows_sum_two_pieces_in_one_timbre_and_keep_both_pieces_labels(built):
+    from musefm.audio.augment import AudioAugmentConfig, _keep_in_range
+
+    _, config, _ = built
+    dataset = open_audio_dataset(config.out)
+    off = {f.name: 0.0 for f in dataclasses.fields(AudioAugmentConfig) if f.name.endswith("_probability")}
+    window = dict(segment_seconds=1.0, sample_rate=16000, hop_length=320, seed=2, jitter=False)
+    plain = TranscriptionWindows(dataset, "train", augment=AudioAugmentConfig(**off), **window)
+    mixed = TranscriptionWindows(dataset, "train", augment=AudioAugmentConfig(**{**off, "mix_probability": 1.0}), **window)
+    pieces = {plain.rows[number]["piece"] for number, _ in plain.items}
+    assert len(pieces) > 1
+    grown = 0
+    for index in range(len(mixed)):
+        item, own = mixed[index], plain[index]
+        assert np.array_equal(item["audio"].numpy(), mixed[index]["audio"].numpy())  # reproducible
+        # The mix is this window plus one window of another piece in the same timbre, and its labels
+        # are the union of both windows' labels.
+        own_piece = plain.rows[plain.items[index][0]]["piece"]
+        partners = [other for other in range(len(plain)) if plain.rows[plain.items[other][0]]["piece"] != own_piece
+                    and np.allclose(item["audio"].numpy(), _keep_in_range(own["audio"].numpy() + plain[other]["audio"].numpy()))]
+        assert partners, f"item {index} is not its window plus another piece's"
+        partner = plain[partners[0]]
+        for name in ("onset", "frame"):
+            assert np.array_equal(item[name].numpy(), np.maximum(own[name].numpy(), partner[name].numpy()))
+        grown += int(item["onset"].sum() > own["onset"].sum())
+    assert grown > 0  # the other piece's notes are in the labels, where it has notes of its own
+    with pytest.raises(MusefmError, match="mix_probability"):
+        AudioAugmentConfig(mix_probability=1.5)
+
+
 def test_read_segment_pads_past_the_end_and_resamples(tmp_path):
     from musefm.audio.io import save_audio
 

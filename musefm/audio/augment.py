@@ -260,6 +260,11 @@ class AudioAugmentConfig:
     gain_db: tuple[float, float] = (-6.0, 6.0)
     noise_probability: float = 0.3
     noise_snr_db: tuple[float, float] = (15.0, 40.0)
+    # With this probability a second window (another piece in the same timbre, augmented on its own)
+    # is added to the window, and its notes to the labels: denser chords, and more soft notes under
+    # loud ones, than the sources hold, with labels still true. The window reader applies it
+    # (data.audio_dataset.TranscriptionWindows), since it needs another window; augment() does not.
+    mix_probability: float = 0.0
 
     def __post_init__(self):
         for field in dataclasses.fields(self):

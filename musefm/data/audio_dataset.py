@@ -4,7 +4,8 @@ Each example is cut into ``segment_seconds`` windows; item ``i`` of epoch ``e`` 
 start jitter and augmentations drawn from (seed, epoch, i), so a resumed run sees exactly the windows
 the uninterrupted one would. Audio is read per window (soundfile seeks; recordings at another rate
 are resampled with soxr), so memory does not grow with the dataset. Augmentations move the labels
-with the audio (pitch shift moves the notes, time stretch scales their times).
+with the audio (pitch shift moves the notes, time stretch scales their times); mixing adds a window
+of another piece in the same timbre and its notes.
 """
 
 from __future__ import annotations
@@ -103,7 +104,8 @@ class TranscriptionWindows:
     """Windows of one split as training items: ``audio`` (samples,), and ``onset``, ``offset``,
     ``frame``, ``velocity`` targets (frames, 88) with frames = samples // hop_length + 1; with
     ``masked_note_weight`` != 1 also ``loss_weight`` (frames, 88), that weight on the frames of
-    harmonically masked notes (``musefm.transcription.labels.masked_note_weights``)."""
+    harmonically masked notes (``musefm.transcription.labels.masked_note_weights``). With
+    ``augment.mix_probability`` > 0 an item may be the sum of its window and another piece's."""
 
     def __init__(self, dataset: AudioDataset, split: str, segment_seconds: float, sample_rate: int, hop_length: int,
                  augment=None, seed: int = 0, jitter: bool = True, masked_note_weight: float = 1.0):
@@ -119,6 +121,9 @@ class TranscriptionWindows:
         for number, row in enumerate(self.rows):
             count = max(1, math.ceil(row["seconds"] / segment_seconds))
             self.items += [(number, k * segment_seconds) for k in range(count)]
+        self.items_by_timbre: dict[str, list[int]] = {}  # soundfont -> item indices, for mixing
+        for item_index, (number, _) in enumerate(self.items):
+            self.items_by_timbre.setdefault(self.rows[number].get("soundfont"), []).append(item_index)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -129,9 +134,32 @@ class TranscriptionWindows:
     def __getitem__(self, index: int) -> dict:
         from musefm.transcription.labels import masked_note_weights, notes_to_targets
 
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        audio, notes = self._window(index, rng)
+        mix_rng = np.random.default_rng([self.seed, self.epoch, index, 1])  # its own: mixing never moves other draws
+        if self.augment is not None and mix_rng.random() < self.augment.mix_probability:
+            partner = self._mix_partner(index, mix_rng)
+            if partner is not None:
+                from musefm.audio.augment import _keep_in_range
+
+                other_audio, other_notes = self._window(partner, mix_rng)
+                # Summed at unit gain, each note stays as loud as it was rendered (its velocity label
+                # stays true); only a peak past full scale rescales the whole mix, as a gain change.
+                audio, notes = _keep_in_range(audio + other_audio), np.concatenate([notes, other_notes])
+        rate = self.sample_rate / self.hop_length
+        targets = notes_to_targets(notes, len(audio) // self.hop_length + 1, rate)
+        item = {"audio": torch.from_numpy(audio)}
+        item.update({name: torch.from_numpy(np.ascontiguousarray(targets[name], dtype=np.float32))
+                     for name in ("onset", "offset", "frame", "velocity")})
+        if self.masked_note_weight != 1.0:
+            weights = masked_note_weights(notes, targets["frame"], rate, self.masked_note_weight)
+            item["loss_weight"] = torch.from_numpy(weights)
+        return item
+
+    def _window(self, index: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """Item ``index``'s audio (segment samples,) and its notes in window time, augmented."""
         number, start = self.items[index]
         row = self.rows[number]
-        rng = np.random.default_rng([self.seed, self.epoch, index])
         if self.jitter:  # a random phase per epoch, so window edges fall on different notes each time
             start = max(0.0, min(start + rng.uniform(-0.5, 0.5) * self.segment_seconds, row["seconds"] - self.segment_seconds))
         # A window sped up by time stretching or detuning must still fill the segment: read enough audio.
@@ -147,13 +175,15 @@ class TranscriptionWindows:
 
             audio, notes = augment(audio, self.sample_rate, notes, self.augment, rng)
         samples = int(round(self.segment_seconds * self.sample_rate))
-        audio = np.pad(audio[:samples], (0, max(0, samples - len(audio)))).astype(np.float32)
-        rate = self.sample_rate / self.hop_length
-        targets = notes_to_targets(notes, samples // self.hop_length + 1, rate)
-        item = {"audio": torch.from_numpy(audio)}
-        item.update({name: torch.from_numpy(np.ascontiguousarray(targets[name], dtype=np.float32))
-                     for name in ("onset", "offset", "frame", "velocity")})
-        if self.masked_note_weight != 1.0:
-            weights = masked_note_weights(notes, targets["frame"], rate, self.masked_note_weight)
-            item["loss_weight"] = torch.from_numpy(weights)
-        return item
+        return np.pad(audio[:samples], (0, max(0, samples - len(audio)))).astype(np.float32), notes
+
+    def _mix_partner(self, index: int, rng: np.random.Generator) -> int | None:
+        """A random item of another piece in the same timbre (None when there is none): a mix of
+        two pianos would be a sound no piano makes."""
+        row = self.rows[self.items[index][0]]
+        candidates = self.items_by_timbre[row.get("soundfont")]
+        for _ in range(8):  # a few draws find another piece unless the timbre holds almost only this one
+            partner = candidates[int(rng.integers(len(candidates)))]
+            if self.rows[self.items[partner][0]]["piece"] != row["piece"]:
+                return partner
+        return None
