@@ -201,3 +201,16 @@ def test_augment_config_validation_and_round_trip():
         AudioAugmentConfig(detune_cents=(-60.0, 10.0))
     with pytest.raises(MusefmError, match="lowpass_cutoff_hz"):
         AudioAugmentConfig(lowpass_cutoff_hz=(0.0, 1000.0))
+
+
+def test_mix_sums_at_unit_gain_keeps_both_notes_and_rescales_only_past_full_scale():
+    from musefm.audio.augment import mix
+
+    quiet, loud = np.full(100, 0.2, np.float32), np.linspace(0.0, 0.9, 100, dtype=np.float32)
+    notes, other = np.array([[0.0, 0.5, 60, 80]]), np.array([[0.1, 0.3, 64, 50]])
+    audio, both = mix(quiet, notes, quiet, other)
+    assert np.allclose(audio, 0.4) and both.tolist() == notes.tolist() + other.tolist()
+    audio, _ = mix(loud, notes, loud, other)
+    assert np.allclose(audio, np.linspace(0.0, 1.0, 100))  # a 1.8 peak rescaled to full scale, not clipped
+    with pytest.raises(MusefmError, match="one length"):
+        mix(quiet, notes, quiet[:50], other)

@@ -123,17 +123,17 @@ def test_mixed_windows_sum_two_pieces_in_one_timbre_and_keep_both_pieces_labels(
     mixed = TranscriptionWindows(dataset, "train", augment=AudioAugmentConfig(**{**off, "mix_probability": 1.0}), **window)
     pieces = {plain.rows[number]["piece"] for number, _ in plain.items}
     assert len(pieces) > 1
-    grown = 0
+    grown, plain_items = 0, [plain[index] for index in range(len(plain))]
     for index in range(len(mixed)):
-        item, own = mixed[index], plain[index]
+        item, own = mixed[index], plain_items[index]
         assert np.array_equal(item["audio"].numpy(), mixed[index]["audio"].numpy())  # reproducible
         # The mix is this window plus one window of another piece in the same timbre, and its labels
         # are the union of both windows' labels.
         own_piece = plain.rows[plain.items[index][0]]["piece"]
         partners = [other for other in range(len(plain)) if plain.rows[plain.items[other][0]]["piece"] != own_piece
-                    and np.allclose(item["audio"].numpy(), _keep_in_range(own["audio"].numpy() + plain[other]["audio"].numpy()))]
+                    and np.allclose(item["audio"].numpy(), _keep_in_range(own["audio"].numpy() + plain_items[other]["audio"].numpy()))]
         assert partners, f"item {index} is not its window plus another piece's"
-        partner = plain[partners[0]]
+        partner = plain_items[partners[0]]
         for name in ("onset", "frame"):
             assert np.array_equal(item[name].numpy(), np.maximum(own[name].numpy(), partner[name].numpy()))
         grown += int(item["onset"].sum() > own["onset"].sum())

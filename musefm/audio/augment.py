@@ -151,6 +151,17 @@ def apply_gain(audio: np.ndarray, gain_db: float) -> np.ndarray:
     return _keep_in_range(_check(audio).astype(np.float64) * 10.0 ** (gain_db / 20.0))
 
 
+def mix(audio: np.ndarray, notes: np.ndarray, other_audio: np.ndarray, other_notes: np.ndarray
+        ) -> tuple[np.ndarray, np.ndarray]:
+    """Two excerpts of one length played together, and both their notes. Summed at unit gain, each
+    note stays as loud as it was (its velocity label stays true); only a peak past full scale
+    rescales the whole mix, as a gain change would."""
+    audio, other_audio = _check(audio, notes), _check(other_audio, other_notes)
+    if len(audio) != len(other_audio):
+        raise MusefmError(f"mix takes excerpts of one length, got {len(audio)} and {len(other_audio)} samples")
+    return _keep_in_range(audio.astype(np.float64) + other_audio), np.concatenate([notes, other_notes])
+
+
 def add_noise(audio: np.ndarray, snr_db: float, rng: np.random.Generator) -> np.ndarray:
     """White Gaussian noise scaled so signal power / noise power is exactly ``snr_db``. Silence
     has no signal power to be relative to, so it is returned unchanged."""

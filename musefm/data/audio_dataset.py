@@ -121,9 +121,15 @@ class TranscriptionWindows:
         for number, row in enumerate(self.rows):
             count = max(1, math.ceil(row["seconds"] / segment_seconds))
             self.items += [(number, k * segment_seconds) for k in range(count)]
-        self.items_by_timbre: dict[str, list[int]] = {}  # soundfont -> item indices, for mixing
+        # For mixing: soundfont -> its item indices, and where each row's items lie in that list (one
+        # block: a row's items are consecutive, and a piece has one row per soundfont).
+        self.items_by_timbre: dict[str, list[int]] = {}
+        self.row_block: dict[int, tuple[int, int]] = {}  # row number -> (first position, count)
         for item_index, (number, _) in enumerate(self.items):
-            self.items_by_timbre.setdefault(self.rows[number].get("soundfont"), []).append(item_index)
+            timbre_items = self.items_by_timbre.setdefault(self.rows[number].get("soundfont"), [])
+            first, count = self.row_block.get(number, (len(timbre_items), 0))
+            self.row_block[number] = (first, count + 1)
+            timbre_items.append(item_index)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -134,18 +140,14 @@ class TranscriptionWindows:
     def __getitem__(self, index: int) -> dict:
         from musefm.transcription.labels import masked_note_weights, notes_to_targets
 
-        rng = np.random.default_rng([self.seed, self.epoch, index])
-        audio, notes = self._window(index, rng)
-        mix_rng = np.random.default_rng([self.seed, self.epoch, index, 1])  # its own: mixing never moves other draws
-        if self.augment is not None and mix_rng.random() < self.augment.mix_probability:
-            partner = self._mix_partner(index, mix_rng)
+        audio, notes = self._window(index, np.random.default_rng([self.seed, self.epoch, index]))
+        if self.augment is not None and self.augment.mix_probability > 0:
+            mix_rng = np.random.default_rng([self.seed, self.epoch, index, 1])  # its own: mixing never moves other draws
+            partner = self._mix_partner(index, mix_rng) if mix_rng.random() < self.augment.mix_probability else None
             if partner is not None:
-                from musefm.audio.augment import _keep_in_range
+                from musefm.audio.augment import mix
 
-                other_audio, other_notes = self._window(partner, mix_rng)
-                # Summed at unit gain, each note stays as loud as it was rendered (its velocity label
-                # stays true); only a peak past full scale rescales the whole mix, as a gain change.
-                audio, notes = _keep_in_range(audio + other_audio), np.concatenate([notes, other_notes])
+                audio, notes = mix(audio, notes, *self._window(partner, mix_rng))
         rate = self.sample_rate / self.hop_length
         targets = notes_to_targets(notes, len(audio) // self.hop_length + 1, rate)
         item = {"audio": torch.from_numpy(audio)}
@@ -180,10 +182,10 @@ class TranscriptionWindows:
     def _mix_partner(self, index: int, rng: np.random.Generator) -> int | None:
         """A random item of another piece in the same timbre (None when there is none): a mix of
         two pianos would be a sound no piano makes."""
-        row = self.rows[self.items[index][0]]
-        candidates = self.items_by_timbre[row.get("soundfont")]
-        for _ in range(8):  # a few draws find another piece unless the timbre holds almost only this one
-            partner = candidates[int(rng.integers(len(candidates)))]
-            if self.rows[self.items[partner][0]]["piece"] != row["piece"]:
-                return partner
-        return None
+        number = self.items[index][0]
+        candidates = self.items_by_timbre[self.rows[number].get("soundfont")]
+        first, count = self.row_block[number]
+        if len(candidates) == count:
+            return None
+        drawn = int(rng.integers(len(candidates) - count))  # among the others: skip this row's block
+        return candidates[drawn if drawn < first else drawn + count]
