@@ -15,6 +15,7 @@ import torch
 
 from musefm.cli import main as cli
 from musefm.errors import MusefmError
+from musefm.models.base import average_pretrained
 from musefm.models.transcriber import PRESETS, Transcriber, config_from_preset
 from musefm.transcription.transcribe import SHIPPED_MODEL, load_transcriber, transcribe_file
 from tests.conftest import make_score
@@ -44,6 +45,29 @@ def test_save_and_load_give_the_same_outputs(tmp_path):
     audio = torch.randn(1, 8000)
     with torch.no_grad():
         assert torch.allclose(model(audio)["frame"], loaded(audio)["frame"])
+
+
+def test_averaged_weights_are_the_mean_and_need_the_same_model(tmp_path):
+    first, second = tiny_model(0), tiny_model(1)
+    with torch.no_grad():  # batch-norm step counts differ, as after two fine-tunes
+        first.acoustic.convs[1].num_batches_tracked.fill_(5)
+        second.acoustic.convs[1].num_batches_tracked.fill_(9)
+    first.save_pretrained(tmp_path / "a")
+    second.save_pretrained(tmp_path / "b")
+    soup = average_pretrained([tmp_path / "a", tmp_path / "b"]).state_dict()
+    for name, tensor in first.state_dict().items():
+        if tensor.is_floating_point():
+            assert torch.allclose(soup[name], (tensor + second.state_dict()[name]) / 2, atol=1e-7), name
+    assert soup["acoustic.convs.1.num_batches_tracked"].item() == 5  # integers come from the first
+    same = average_pretrained([tmp_path / "a", tmp_path / "a"]).eval()
+    audio = torch.randn(1, 8000)
+    with torch.no_grad():
+        assert torch.allclose(same(audio)["onset"], first.eval()(audio)["onset"], atol=1e-6)
+    Transcriber(config_from_preset("debug", d_model=8)).save_pretrained(tmp_path / "narrow")
+    with pytest.raises(MusefmError, match="narrow: a different model"):
+        average_pretrained([tmp_path / "a", tmp_path / "narrow"])
+    with pytest.raises(MusefmError, match="at least two"):
+        average_pretrained([tmp_path / "a"])
 
 
 def test_windowed_activations_cover_every_frame():
