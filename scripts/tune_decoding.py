@@ -16,10 +16,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from musefm.audio.render import RenderJob, render_batch
 from musefm.data.audio_dataset import open_audio_datasets
-from musefm.recipes.train_transcriber import tune_split
-from musefm.transcription.postprocess import read_notes_csv
+from musefm.errors import MusefmError
+from musefm.recipes.train_transcriber import tune_split, unseen_timbre_examples
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("model_dir", type=Path)
@@ -31,17 +30,12 @@ parser.add_argument("--work", type=Path, default=Path("runs/unseen-valid"))
 args = parser.parse_args()
 
 source = open_audio_datasets(args.render_from or args.data.split(",")[0])
-pieces = {row["piece"]: row for row in source.split("valid")}.values()  # one render per piece
-jobs, unseen = [], []
-for soundfont in args.soundfonts.split(","):
-    for program in (int(p) for p in args.programs.split(",")):
-        for row in pieces:
-            wav = args.work / f"{soundfont}-program{program}" / (Path(row["midi"]).stem + ".wav")
-            if not wav.exists():
-                jobs.append(RenderJob(source.path(row["midi"]), wav, soundfont, program))
-            unseen.append((wav, read_notes_csv(source.path(row["notes"]))))  # the notes of the MIDI rendered
-for problem in filter(None, render_batch(jobs, sample_rate=16000)):
-    sys.exit(f"tune_decoding: {problem}")
+try:
+    groups = unseen_timbre_examples(source, args.soundfonts.split(","), [int(p) for p in args.programs.split(",")],
+                                    args.work)
+except MusefmError as error:
+    sys.exit(f"tune_decoding: {error}")
+unseen = [example for examples in groups.values() for example in examples]
 
 scores = tune_split(args.model_dir, open_audio_datasets(args.data), "valid", stream=sys.stdout, extra=unseen)
 print(f"(the {len(unseen)} more: renders in unseen timbres; mean note F1 {scores['note_f1']:.4f}, "

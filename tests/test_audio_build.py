@@ -242,3 +242,26 @@ def test_one_work_in_two_encodings_is_rendered_once(tmp_path, monkeypatch):
     build_audio_dataset(config, stream=open("/dev/null", "w"))
     rows = open_audio_dataset(tmp_path / "data").rows
     assert len(rows) == 1 and rows[0]["id"] == f"{items[0].key}@timgm6mb"
+
+
+@needs_fluidsynth
+def test_unseen_timbre_validation_renders_each_valid_piece_once_per_program_and_reuses_them(tmp_path):
+    from musefm.recipes.train_transcriber import unseen_timbre_examples
+    from musefm.transcription.postprocess import read_notes_csv
+
+    config = AudioBuildConfig(sources=[f"dir:{write_pieces(tmp_path / 'midi', count=4)}"], out=str(tmp_path / "data"),
+                              soundfonts=["timgm6mb", "fluidr3"], valid_fraction=0.5, test_fraction=0.0, workers=1)
+    build_audio_dataset(config)
+    dataset = open_audio_dataset(tmp_path / "data")
+    valid = {row["piece"]: row for row in dataset.split("valid")}
+    assert len(dataset.split("valid")) == 2 * len(valid) > 0  # each valid piece in both soundfonts
+    groups = unseen_timbre_examples(dataset, ["fluidr3"], [2, 3], tmp_path / "unseen")
+    assert sorted(groups) == ["fluidr3-program2", "fluidr3-program3"]
+    for examples in groups.values():
+        assert len(examples) == len(valid)  # one render per piece, not per soundfont
+        for (wav, notes), row in zip(examples, valid.values()):
+            assert wav.is_file() and wav.stem == os.path.splitext(os.path.basename(row["midi"]))[0]
+            np.testing.assert_array_equal(notes, read_notes_csv(dataset.path(row["notes"])))
+    rendered = {wav: wav.stat().st_mtime_ns for examples in groups.values() for wav, _ in examples}
+    unseen_timbre_examples(dataset, ["fluidr3"], [2, 3], tmp_path / "unseen")
+    assert {wav: wav.stat().st_mtime_ns for wav in rendered} == rendered  # kept, not rendered again

@@ -144,6 +144,29 @@ def tune_split(model_dir: Path, dataset, split: str, limit: int = 0, stream=None
     return asdict(decode) | scores
 
 
+def unseen_timbre_examples(dataset, soundfonts, programs, work: Path) -> dict[str, list]:
+    """The validation pieces of ``dataset`` (one render per piece) played by other General MIDI
+    programs of ``soundfonts``: {"<soundfont>-program<n>": [(audio path, reference notes), ...]}.
+    Renders are written under ``work`` (one folder per group) and reused when they exist."""
+    from musefm.audio.render import RenderJob, render_batch
+    from musefm.transcription.postprocess import read_notes_csv
+
+    pieces = {row["piece"]: row for row in dataset.split("valid")}.values()
+    groups, jobs = {}, []
+    for soundfont in soundfonts:
+        for program in programs:
+            name = f"{soundfont}-program{program}"
+            for row in pieces:
+                wav = Path(work) / name / (Path(row["midi"]).stem + ".wav")
+                if not wav.exists():
+                    jobs.append(RenderJob(dataset.path(row["midi"]), wav, soundfont, program))
+                groups.setdefault(name, []).append((wav, read_notes_csv(dataset.path(row["notes"]))))
+    problems = [problem for problem in render_batch(jobs, sample_rate=16000) if problem]
+    if problems:
+        raise MusefmError(f"rendering the unseen-timbre validation audio: {problems[0]}")
+    return groups
+
+
 def score_split(model_dir: Path, dataset, split: str, out: Path, limit: int = 0, stream=None) -> dict:
     """Transcribe a split's audio with a saved model and score it against its notes (mir_eval)."""
     from musefm.evaluation.transcription import score_notes
