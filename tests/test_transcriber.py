@@ -126,6 +126,29 @@ def test_a_grown_onset_stack_starts_as_the_shared_one_then_trains_apart():
     assert not all(torch.equal(a, b) for a, b in zip(onset_stack, grown.onset_acoustic.parameters()))
 
 
+@pytest.mark.parametrize("kind,onset_stack", [("gru", True), ("gru", False), ("lstm", True)])
+def test_a_widened_model_starts_as_the_narrow_one_then_its_new_units_train(kind, onset_stack):
+    torch.manual_seed(0)
+    model = Transcriber(config_from_preset("debug", sequence_model=kind, onset_stack=onset_stack)).eval()
+    grown = model.widened(d_model=24, rnn_hidden=12).eval()
+    assert (grown.config.d_model, grown.config.rnn_hidden) == (24, 12)
+    assert grown.num_parameters() > model.num_parameters()
+    with torch.no_grad():
+        mel = model.mel(torch.randn(16000))  # (51, n_mels)
+        before, after = model(mel=mel.unsqueeze(0)), grown(mel=mel.unsqueeze(0))
+        assert grown.onset_rnn(grown.acoustic(mel[None]) if not onset_stack else
+                               grown.onset_acoustic(mel[None]))[..., 8:12].abs().sum() > 0  # new units compute
+    for name in before:
+        assert torch.allclose(before[name], after[name], atol=1e-6), name
+    with pytest.raises(MusefmError, match="only grow"):
+        grown.widened(d_model=16)
+    # One step on every head's loss moves the weights that read the new units off zero.
+    grown.train()
+    sum(value.sum() for value in grown(mel=mel.unsqueeze(0)).values()).backward()
+    torch.optim.SGD(grown.parameters(), lr=0.1).step()
+    assert grown.onset_head.weight[:, 8:12].abs().sum() > 0 and grown.velocity_head.weight[:, 16:].abs().sum() > 0
+
+
 def test_the_model_learns_a_batch():
     from musefm.transcription.labels import notes_to_targets
 
@@ -342,7 +365,13 @@ def test_fine_tuning_starts_from_the_given_model(audio_data, tmp_path):
     for name, value in before.acoustic.convs.state_dict().items():
         if value.is_floating_point() and "running" not in name:
             assert torch.allclose(value, after.onset_acoustic.convs.state_dict()[name], atol=1e-6), name
+    # Widening while fine-tuning: the old weights sit in the first rows/columns of the wider ones.
+    wide = dataclasses.replace(config, out=str(tmp_path / "wide"), model_settings={"d_model": 24, "rnn_hidden": 12})
+    main(wide, stream=open(os.devnull, "w"))
+    after = load_transcriber(tmp_path / "wide" / "checkpoints" / "step-00000001")
+    assert (after.config.d_model, after.config.rnn_hidden) == (24, 12)
+    assert torch.allclose(after.acoustic.project[0].weight[:16], before.acoustic.project[0].weight, atol=1e-6)
     with pytest.raises(MusefmError, match="only onset_stack"):
-        dataclasses.replace(config, model_settings={"d_model": 32}).validate()
+        dataclasses.replace(config, model_settings={"conv_channels": 32}).validate()
     with pytest.raises(MusefmError, match="masked_note_weight"):
         dataclasses.replace(config, masked_note_weight=0.0).validate()

@@ -242,6 +242,66 @@ class Transcriber(PretrainedModel):
         grown.load_state_dict({**self.state_dict(), **copied})
         return grown.train(self.training)
 
+    def widened(self, d_model: int | None = None, rnn_hidden: int | None = None, seed: int = 0) -> "Transcriber":
+        """This model grown wider: ``d_model`` acoustic features per frame and ``rnn_hidden`` units per
+        recurrent direction, at least the current ones. It transcribes exactly as this one until
+        fine-tuning uses the new units: each new unit reads the old ones through fresh random weights
+        (so it computes something and whatever reads it gets a gradient), and every weight that reads
+        a new unit starts at zero, so no old unit or head output changes."""
+        config = self.config
+        grown_config = dataclasses.replace(config, d_model=config.d_model if d_model is None else d_model,
+                                           rnn_hidden=config.rnn_hidden if rnn_hidden is None else rnn_hidden)
+        if grown_config.d_model < config.d_model or grown_config.rnn_hidden < config.rnn_hidden:
+            raise MusefmError(f"widened: can only grow (d_model {config.d_model} -> {grown_config.d_model}, "
+                              f"rnn_hidden {config.rnn_hidden} -> {grown_config.rnn_hidden})")
+        with torch.random.fork_rng(devices=[]):  # the new units' weights are seeded; the caller's RNG is untouched
+            torch.manual_seed(seed)
+            grown = Transcriber(grown_config)
+        old, state = self.state_dict(), grown.state_dict()  # state: fresh random weights to start from
+        for name, value in state.items():
+            rows, columns = _widening_maps(name, config, grown_config)
+            if rows is None and columns is None:
+                state[name] = old[name].clone()
+                continue
+            rows = torch.arange(value.shape[0]) if rows is None else rows
+            if value.dim() == 1:
+                value[rows] = old[name]
+                continue
+            columns = torch.arange(value.shape[1]) if columns is None else columns
+            new_columns = torch.ones(value.shape[1], dtype=torch.bool)
+            new_columns[columns] = False
+            value[:, new_columns] = 0.0  # nothing reads a new unit yet
+            value[rows[:, None], columns[None, :]] = old[name]
+        grown.load_state_dict(state)
+        return grown.train(self.training)
+
     def num_parameters(self) -> int:
         return sum(parameter.numel() for parameter in self.parameters())
 
+
+
+def _grouped_positions(groups: int, old_size: int, new_size: int) -> torch.Tensor:
+    """Where each of ``groups * old_size`` stacked entries (GRU gates, the two directions of a
+    bidirectional output) lands when every group grows to ``new_size``."""
+    return (torch.arange(groups)[:, None] * new_size + torch.arange(old_size)[None, :]).reshape(-1)
+
+
+def _widening_maps(name: str, old: TranscriberConfig, new: TranscriberConfig) -> tuple:
+    """(new index of each old row, new index of each old column) of parameter ``name`` when the
+    model widens from ``old`` to ``new``; None for an axis that keeps its size."""
+    features = torch.arange(old.d_model)  # acoustic features keep their places; new ones follow
+    gates = 3 if old.sequence_model == "gru" else 4
+    gate_rows = _grouped_positions(gates, old.rnn_hidden, new.rnn_hidden)
+    if name.endswith("project.0.weight") or name.endswith("project.0.bias"):
+        return features, None
+    if ".rnn.weight_ih" in name:  # (gates * H, input): the frame RNN reads the 264 head outputs
+        return gate_rows, None if name.startswith("frame_rnn") else features
+    if ".rnn.weight_hh" in name:
+        return gate_rows, torch.arange(old.rnn_hidden)
+    if ".rnn.bias" in name:
+        return gate_rows, None
+    if name in ("onset_head.weight", "offset_head.weight", "frame_head.weight"):  # (88, 2H)
+        return None, _grouped_positions(2, old.rnn_hidden, new.rnn_hidden)
+    if name in ("frame_acoustic.weight", "velocity_head.weight"):  # (88, d_model)
+        return None, features
+    return None, None

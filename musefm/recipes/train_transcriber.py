@@ -25,6 +25,10 @@ from musefm.recipes.pretrain import load_recipe_config, open_run
 from musefm.training.trainer import TrainConfig
 
 
+# Settings a fine-tune (init_from) may change: each grows the model so it starts out transcribing as before.
+GROWABLE = {"onset_stack", "d_model", "rnn_hidden"}
+
+
 @dataclass
 class TranscriberTrainConfig:
     preset: str = "small"
@@ -50,9 +54,10 @@ class TranscriberTrainConfig:
     def validate(self) -> None:
         if self.segment_seconds <= 0.5:
             raise MusefmError(f"segment_seconds: must exceed 0.5, got {self.segment_seconds}")
-        if self.init_from and set(self.model_settings) - {"onset_stack"}:
+        if self.init_from and set(self.model_settings) - GROWABLE:
             raise MusefmError("init_from: the model keeps its own config; of model_settings only onset_stack "
-                              "(grow an onset conv stack copied from the shared one) can be given")
+                              "(grow an onset conv stack copied from the shared one), d_model and rnn_hidden "
+                              "(widen it: Transcriber.widened) can be given")
         if self.masked_note_weight <= 0:
             raise MusefmError(f"masked_note_weight: must be positive, got {self.masked_note_weight}")
         if self.final_split not in ("", "train", "valid", "test"):
@@ -81,6 +86,9 @@ def main(config: TranscriberTrainConfig, resume: bool = False, overwrite: bool =
         start = load_transcriber(None if config.init_from == "shipped" else config.init_from)
         if config.model_settings.get("onset_stack") and not start.config.onset_stack:
             start = start.with_onset_stack()
+        widths = {key: config.model_settings[key] for key in ("d_model", "rnn_hidden") if key in config.model_settings}
+        if widths:
+            start = start.widened(**widths, seed=config.train.seed)
         model_config = start.config
     else:
         model_config = config_from_preset(config.preset, **config.model_settings)
