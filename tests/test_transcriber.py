@@ -70,6 +70,21 @@ def test_averaged_weights_are_the_mean_and_need_the_same_model(tmp_path):
         average_pretrained([tmp_path / "a"])
 
 
+def test_a_model_saved_in_float16_keeps_integer_buffers_and_loads_as_float32(tmp_path):
+    from safetensors.torch import load_file
+
+    model = tiny_model(0)
+    model.save_pretrained(tmp_path / "half", torch.float16)
+    stored = load_file(str(tmp_path / "half" / "model.safetensors"))
+    assert stored["acoustic.convs.1.num_batches_tracked"].dtype == torch.int64
+    loaded = load_transcriber(tmp_path / "half")
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point():
+            assert stored[name].dtype == torch.float16, name
+            assert loaded.state_dict()[name].dtype == torch.float32, name
+            assert torch.equal(loaded.state_dict()[name], tensor.half().float()), name
+
+
 def test_windowed_activations_cover_every_frame():
     model = tiny_model().eval()
     with torch.no_grad():
@@ -370,6 +385,11 @@ def test_fine_tuning_starts_from_the_given_model(audio_data, tmp_path):
     main(wide, stream=open(os.devnull, "w"))
     after = load_transcriber(tmp_path / "wide" / "checkpoints" / "step-00000001")
     assert (after.config.d_model, after.config.rnn_hidden) == (24, 12)
+    # The grown starting point is kept beside the run, to average the fine-tune back toward it.
+    grown_start = load_transcriber(tmp_path / "wide" / "start")
+    assert (grown_start.config.d_model, grown_start.config.rnn_hidden) == (24, 12)
+    assert torch.equal(grown_start.acoustic.project[0].weight[:16], before.acoustic.project[0].weight)
+    assert torch.allclose(grown_start.acoustic.project[0].weight, after.acoustic.project[0].weight, atol=1e-6)
     assert torch.allclose(after.acoustic.project[0].weight[:16], before.acoustic.project[0].weight, atol=1e-6)
     with pytest.raises(MusefmError, match="only onset_stack"):
         dataclasses.replace(config, model_settings={"conv_channels": 32}).validate()

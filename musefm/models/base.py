@@ -85,23 +85,27 @@ class PretrainedModel(nn.Module):
     family: str = ""
     config_class: type = object
 
-    def write_files(self, directory: Path) -> None:
-        """Write config.json and model.safetensors into an existing directory."""
+    def write_files(self, directory: Path, dtype: torch.dtype | None = None) -> None:
+        """Write config.json and model.safetensors into an existing directory; ``dtype`` (e.g.
+        torch.float16, as models shipped in the package are stored) applies to floating tensors."""
         from safetensors.torch import save_file
 
         directory = Path(directory)
         # Tied weights are stored once (under their owner's name); clones share no memory, which
         # safetensors requires.
         tied = set(getattr(self, "tied_weight_names", ()))
-        unique = {name: tensor.detach().cpu().contiguous().clone()
-                  for name, tensor in self.state_dict().items() if name not in tied}
+        def stored(tensor):
+            tensor = tensor.detach().cpu()
+            return (tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor).contiguous().clone()
+
+        unique = {name: stored(tensor) for name, tensor in self.state_dict().items() if name not in tied}
         save_file(unique, str(directory / "model.safetensors"))
         config = {"family": self.family, "config": dataclasses.asdict(self.config), "versions": versions()}
         (directory / "config.json").write_text(json.dumps(config, indent=2))
 
-    def save_pretrained(self, directory) -> Path:
+    def save_pretrained(self, directory, dtype: torch.dtype | None = None) -> Path:
         with atomic_directory(directory) as folder:
-            self.write_files(folder)
+            self.write_files(folder, dtype)
         return Path(directory)
 
     @classmethod

@@ -109,6 +109,9 @@ def main(config: TranscriberTrainConfig, resume: bool = False, overwrite: bool =
         valid_data = (TranscriptionWindows(dataset, "valid", jitter=False, **window) if dataset.split("valid") else None)
         if context.is_main:
             out.mkdir(parents=True, exist_ok=True)
+            if config.init_from and not (out / "start").exists():
+                # The grown starting point, for averaging the fine-tune back toward it (average_weights.py).
+                start.save_pretrained(out / "start")
             run = {"config": to_dict(config), "model_config": dataclasses.asdict(model_config),
                    "dataset": dataset.info.get("parts", str(dataset.root)), "parameters": model.num_parameters()}
             (out / "run.json").write_text(json.dumps(run, indent=2))
