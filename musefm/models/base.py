@@ -94,9 +94,12 @@ class PretrainedModel(nn.Module):
         # Tied weights are stored once (under their owner's name); clones share no memory, which
         # safetensors requires.
         tied = set(getattr(self, "tied_weight_names", ()))
+
         def stored(tensor):
             tensor = tensor.detach().cpu()
-            return (tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor).contiguous().clone()
+            if dtype is not None and tensor.is_floating_point():
+                tensor = tensor.to(dtype)
+            return tensor.contiguous().clone()
 
         unique = {name: stored(tensor) for name, tensor in self.state_dict().items() if name not in tied}
         save_file(unique, str(directory / "model.safetensors"))
