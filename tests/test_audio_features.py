@@ -7,7 +7,7 @@ from musefm.audio.features import (
     FeatureCache, LogMelSpectrogram, MelConfig, cqt_spectrogram, hz_to_mel, log_mel_for_file, mel_filterbank,
     mel_to_hz, num_frames,
 )
-from musefm.audio.io import load_audio, save_audio
+from musefm.audio.io import iter_audio_chunks, load_audio, save_audio
 from musefm.errors import MusefmError
 
 SMALL = MelConfig(sample_rate=16000, n_fft=512, hop_length=160, n_mels=40, fmin=30.0, fmax=8000.0)
@@ -122,6 +122,28 @@ def test_streamed_log_mel_equals_whole_file(tmp_path):
     cache = FeatureCache(tmp_path / "cache")
     cached = log_mel_for_file(path, SMALL, cache=cache, chunk_seconds=0.07)
     assert np.array_equal(cached, log_mel_for_file(path, SMALL, cache=cache)) and cached.dtype == np.float32
+
+
+def test_log_mel_blocks_come_as_the_audio_streams_in(tmp_path, monkeypatch):
+    """The first frames arrive after two chunks of audio have been read, not the whole file."""
+    import musefm.audio.features as features
+
+    audio = (0.3 * np.random.default_rng(1).standard_normal(16000 * 3)).astype(np.float32)
+    path = save_audio(tmp_path / "noise.wav", audio, 16000, subtype="FLOAT")
+    read = []
+
+    def counted_chunks(*args, **kwargs):
+        for chunk in iter_audio_chunks(*args, **kwargs):
+            read.append(len(chunk))
+            yield chunk
+
+    monkeypatch.setattr(features, "iter_audio_chunks", counted_chunks)
+    blocks = features.iter_log_mel(path, SMALL, chunk_seconds=0.25)  # 12 chunks
+    first = next(blocks)
+    assert len(read) == 2 and first.shape[1] == SMALL.n_mels
+    rest = list(blocks)
+    assert len(read) == 12 and len(rest) == 11
+    np.testing.assert_array_equal(np.concatenate([first, *rest]), log_mel_for_file(path, SMALL, chunk_seconds=0.25))
 
 
 def test_log_mel_stays_on_its_device_and_in_float32():

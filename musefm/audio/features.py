@@ -8,11 +8,12 @@ import contextlib
 import dataclasses
 import functools
 import hashlib
+import itertools
 import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 
 from musefm.atomic import save_npy_atomic
 from musefm.audio.io import iter_audio_chunks
-from musefm.errors import MusefmError
+from musefm.errors import BadInputError, MusefmError
 
 FEATURE_VERSION = 1  # bump when a feature's computation changes: old cache entries stop matching
 
@@ -207,32 +208,46 @@ def log_mel_for_file(path, config: MelConfig | None = None, cache: FeatureCache 
 
 
 def _streamed_log_mel(path, config: MelConfig, chunk_seconds: float) -> np.ndarray:
-    """Streams the file through the STFT: the buffer keeps what the next frame still needs, and the
-    two ends are reflect padded exactly as torch.stft(center=True) pads the whole signal."""
+    return np.concatenate(list(iter_log_mel(path, config, chunk_seconds)))
+
+
+def iter_log_mel(path, config: MelConfig | None = None, chunk_seconds: float = 60.0) -> Iterator[np.ndarray]:
+    """Log-mel frames of an audio file as they stream in: float32 ``(frames, n_mels)`` blocks that
+    concatenate to ``log_mel_for_file(path, config)``; memory stays bounded by a chunk of audio.
+
+    The buffer keeps what the next frame still needs, and the two ends are reflect padded exactly
+    as torch.stft(center=True) pads the whole signal."""
+    config = config or MelConfig()
     module = LogMelSpectrogram(config)
     half, hop = config.n_fft // 2, config.hop_length
     chunk_seconds = max(chunk_seconds, 2.0 * config.n_fft / config.sample_rate)  # chunk > pad
     chunks = iter_audio_chunks(path, config.sample_rate, chunk_seconds)
-    first = next(chunks)
+    first = next(chunks, None)
+    if first is None:  # the header promised frames that the data does not hold
+        raise BadInputError(path, "audio has no samples (no decodable frames)")
     second = next(chunks, None)
     if second is None:  # one chunk is the whole file: no streaming needed
         with torch.no_grad():
-            return module(torch.from_numpy(first)).numpy()
+            yield module(torch.from_numpy(first)).numpy().astype(np.float32, copy=False)
+        return
     buffer = np.concatenate([first[half:0:-1], first])  # left reflect pad, as torch does
-    outputs = []
 
-    def emit(samples: np.ndarray) -> np.ndarray:
-        """Compute every whole frame in ``samples``; return the samples later frames still need."""
+    def frames_of(samples: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
+        """(every whole frame in ``samples`` or None, the samples later frames still need)."""
         frames = 0 if len(samples) < config.n_fft else 1 + (len(samples) - config.n_fft) // hop
-        if frames:
-            used = torch.from_numpy(samples[: (frames - 1) * hop + config.n_fft]).unsqueeze(0)  # (1, samples)
-            with torch.no_grad():
-                outputs.append(module.from_padded(used)[0].numpy())  # (frames, n_mels)
-        return samples[frames * hop:]
+        if not frames:
+            return None, samples
+        used = torch.from_numpy(samples[: (frames - 1) * hop + config.n_fft]).unsqueeze(0)  # (1, samples)
+        with torch.no_grad():
+            block = module.from_padded(used)[0].numpy().astype(np.float32, copy=False)  # (frames, n_mels)
+        return block, samples[frames * hop:]
 
     signal_end = first[-(half + 1):]  # the last half + 1 samples so far, for the right reflect pad
-    for chunk in [second, *chunks]:
-        buffer = emit(np.concatenate([buffer, chunk]))
+    for chunk in itertools.chain([second], chunks):  # lazily: a list would hold the whole file
+        block, buffer = frames_of(np.concatenate([buffer, chunk]))
+        if block is not None:
+            yield block
         signal_end = np.concatenate([signal_end, chunk])[-(half + 1):]
-    emit(np.concatenate([buffer, signal_end[-2::-1]]))  # right reflect pad, as torch does
-    return np.concatenate(outputs).astype(np.float32)
+    block, _ = frames_of(np.concatenate([buffer, signal_end[-2::-1]]))  # right reflect pad, as torch does
+    if block is not None:
+        yield block
