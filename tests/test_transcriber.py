@@ -98,6 +98,41 @@ def test_windowed_activations_cover_every_frame():
         assert np.abs(windowed[name] - whole[name]).max() < 0.05
 
 
+def test_streamed_activations_equal_the_whole_whatever_the_blocks():
+    model = tiny_model().eval()
+    with torch.no_grad():
+        mel = model.mel(torch.randn(16000 * 4))  # (201, n_mels), column-major as the STFT leaves it
+    whole = model.activations(mel, window_frames=60, overlap_frames=10)
+    edges = [0, 1, 7, 7, 80, 81, 150, len(mel)]
+    blocks = list(model.iter_activations((mel[low:high].contiguous() for low, high in zip(edges[:-1], edges[1:])),
+                                         window_frames=60, overlap_frames=10))
+    assert [len(block["onset"]) for block in blocks] == [40] * 5 + [1]  # one block per window
+    for name in whole:
+        np.testing.assert_allclose(np.concatenate([block[name] for block in blocks]), whole[name], atol=1e-6)
+
+
+def test_transcribe_file_streams_and_gives_the_notes_of_the_whole(tmp_path):
+    """Audio in 7.3 s chunks, two network windows: the notes computed as the audio streams in equal
+    those of the whole file's log-mel decoded at once."""
+    from musefm.audio.features import log_mel_for_file
+    from musefm.audio.io import save_audio
+    from musefm.transcription.postprocess import DecodeConfig, activations_to_notes
+
+    model = tiny_model().eval()
+    audio = np.random.default_rng(0).standard_normal(16000 * 50).astype(np.float32) * 0.3
+    save_audio(tmp_path / "noise.wav", audio, 16000, subtype="FLOAT")
+    decode = DecodeConfig(onset_threshold=0.5, frame_threshold=0.5, frame_onset_threshold=0.2)
+    with torch.no_grad():  # an untrained model: shift its onsets and frames to about half on
+        model.onset_head.bias.fill_(0.0)
+    streamed = transcribe_file(model, tmp_path / "noise.wav", decode=decode, chunk_seconds=7.3)
+    mel = log_mel_for_file(tmp_path / "noise.wav", model.config.mel_config())
+    heads = model.activations(torch.from_numpy(mel))
+    whole = activations_to_notes(heads["onset"], heads["frame"], model.config.frame_rate, velocity=heads["velocity"],
+                                 config=decode)
+    assert len(whole) > 10 and streamed.audio_seconds == pytest.approx(50.0, abs=0.03)
+    np.testing.assert_array_equal(streamed.notes, whole)
+
+
 def test_inference_folds_batch_norm_without_changing_the_outputs():
     model = tiny_model()
     torch.manual_seed(1)

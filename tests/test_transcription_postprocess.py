@@ -7,8 +7,8 @@ import pytest
 
 from musefm.errors import BadInputError, MusefmError
 from musefm.transcription.labels import MIN_MIDI, NUM_KEYS, notes_from_midi, notes_to_targets
-from musefm.transcription.postprocess import (DecodeConfig, activations_to_notes, notes_to_score, read_notes_csv,
-                                              write_midi, write_notes_csv)
+from musefm.transcription.postprocess import (CONTEXT_FRAMES, DecodeConfig, NoteDecoder, activations_to_notes,
+                                              notes_to_score, read_notes_csv, write_midi, write_notes_csv)
 
 RATE = 100.0
 C4, E4 = 60 - MIN_MIDI, 64 - MIN_MIDI
@@ -119,6 +119,38 @@ def test_min_note_seconds_and_bad_inputs():
     with pytest.raises(MusefmError, match="onset_threshold"):
         DecodeConfig(onset_threshold=1.5)
     assert activations_to_notes(*empty(frames=0), RATE).shape == (0, 4)
+
+
+def blobby_activations(generator, frames):
+    """Random activations that hold each value for 3 frames, so runs, rises and weak onset peaks
+    land on and around every block boundary."""
+    held = np.repeat(generator.random((frames // 3 + 1, NUM_KEYS)), 3, axis=0)[:frames] ** generator.uniform(0.5, 4)
+    return np.clip(held + 0.05 * generator.random((frames, NUM_KEYS)), 0, 1).astype(np.float32)
+
+
+@pytest.mark.parametrize("config", [DecodeConfig(onset_threshold=0.6, frame_threshold=0.4, frame_onset_threshold=0.1),
+                                    DecodeConfig(onset_threshold=0.5, frame_threshold=0.3, offset_threshold=0.9,
+                                                 min_note_seconds=0.03)])
+def test_streamed_decoding_equals_decoding_the_whole(config):
+    """Blocks of any size, cut anywhere (one frame, empty, near each other), give exactly the notes
+    of one call on the whole piece, while the decoder keeps only a few frames between blocks."""
+    generator = np.random.default_rng(0)
+    for trial in range(40):
+        frames = int(generator.integers(1, 400))
+        heads = {name: blobby_activations(generator, frames) for name in ("onset", "frame", "velocity", "offset")}
+        whole = activations_to_notes(heads["onset"], heads["frame"], RATE, velocity=heads["velocity"],
+                                     offset=heads["offset"], config=config)
+        edges = [0, *np.sort(generator.integers(0, frames + 1, size=generator.integers(1, 15))), frames]
+        decoder = NoteDecoder(RATE, config)
+        for low, high in zip(edges[:-1], edges[1:]):
+            decoder.push(*(heads[name][low:high] for name in ("onset", "frame")), velocity=heads["velocity"][low:high],
+                         offset=heads["offset"][low:high])
+            assert len(decoder._pending["onset"]) <= high - low + CONTEXT_FRAMES + 4
+        assert np.array_equal(decoder.finish(), whole) and len(whole) > 0, trial
+    with pytest.raises(ValueError, match="same heads"):
+        decoder = NoteDecoder(RATE)
+        decoder.push(*empty(), velocity=empty()[0])
+        decoder.push(*empty())
 
 
 def test_targets_decode_back_to_the_notes():

@@ -3,8 +3,9 @@ frame activations into notes and files (postprocess.py). Notes are float64 (N, 4
 offset s, MIDI pitch, velocity."""
 
 from musefm.transcription.labels import MAX_MIDI, MIN_MIDI, NUM_KEYS, notes_from_midi, notes_from_score, notes_to_targets
-from musefm.transcription.postprocess import (DecodeConfig, activations_to_notes, notes_to_score, read_notes_csv,
-                                              write_midi, write_notes_csv)
+from musefm.transcription.postprocess import (DecodeConfig, NoteDecoder, activations_to_notes, notes_to_score,
+                                              read_notes_csv, write_midi, write_notes_csv)
 
 __all__ = ["MIN_MIDI", "MAX_MIDI", "NUM_KEYS", "notes_to_targets", "notes_from_score", "notes_from_midi",
-           "DecodeConfig", "activations_to_notes", "notes_to_score", "write_midi", "write_notes_csv", "read_notes_csv"]
+           "DecodeConfig", "NoteDecoder", "activations_to_notes", "notes_to_score", "write_midi", "write_notes_csv",
+           "read_notes_csv"]

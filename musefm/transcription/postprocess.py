@@ -69,45 +69,113 @@ def activations_to_notes(onset: np.ndarray, frame: np.ndarray, frame_rate: float
     Times are frame indices / ``frame_rate``; velocity is ``velocity[onset frame] * 127`` rounded
     and clipped to 1..127 (64 without a velocity activation).
     """
-    config = config or DecodeConfig()
-    onset, frame = np.asarray(onset), np.asarray(frame)
-    arrays = {"onset": onset, "frame": frame, "velocity": velocity, "offset": offset}
-    for name, array in arrays.items():
-        if array is not None and (np.ndim(array) != 2 or np.shape(array)[1] != NUM_KEYS or np.shape(array) != onset.shape):
-            raise ValueError(f"{name} activation must be (frames, {NUM_KEYS}) like onset {onset.shape}, got {np.shape(array)}")
-    num_frames = onset.shape[0]
-    if num_frames == 0:
-        return empty_notes()
+    decoder = NoteDecoder(frame_rate, config)
+    decoder.push(onset, frame, velocity=velocity, offset=offset)
+    return decoder.finish()
 
-    # Work key-major with one sentinel frame per key that always ends a note, so one flat
-    # searchsorted finds every note's end without ever running into the next key.
-    onset_high = np.zeros((NUM_KEYS, num_frames + 1), dtype=bool)  # (88, T+1)
-    onset_high[:, :-1] = onset.T >= config.onset_threshold
+
+# A frame's onset state depends on frame-run rises up to 2 * FRAME_ONSET_FRAMES frames either side
+# (a rise's onset peak is searched within FRAME_ONSET_FRAMES of it), and a note start on the frame
+# before. So a block of activations decodes exactly from CONTEXT_FRAMES after its first frame to
+# UNSETTLED_FRAMES before its last, and a stream keeps CONTEXT_FRAMES of what it has decoded.
+CONTEXT_FRAMES = 2 * FRAME_ONSET_FRAMES + 1
+UNSETTLED_FRAMES = 2 * FRAME_ONSET_FRAMES
+
+
+class NoteDecoder:
+    """``activations_to_notes`` over activations that arrive in blocks (``Transcriber.iter_activations``
+    streaming a long recording): ``push`` each block in order, then ``finish`` gives the notes,
+    equal to those of one call on the whole. Between blocks it keeps a few frames of activations and
+    each still-sounding note as (key, onset frame, velocity), so memory does not grow with length."""
+
+    def __init__(self, frame_rate: float, config: DecodeConfig | None = None):
+        self.frame_rate = frame_rate
+        self.config = config or DecodeConfig()
+        self._pending: dict[str, np.ndarray] = {}  # {head: (frames, 88)} from frame _pending_from on
+        self._pending_from = 0
+        self._frontier = 0  # every note starting before this frame has been found
+        self._sounding = np.zeros((0, 3))  # notes found but not ended: key, onset frame, velocity
+        self._ended: list[np.ndarray] = []  # (N, 4) blocks: onset frame, offset frame, key, velocity
+
+    def push(self, onset: np.ndarray, frame: np.ndarray, velocity: np.ndarray | None = None,
+             offset: np.ndarray | None = None) -> None:
+        """Add the next ``(frames, 88)`` block of every head (the same heads each time)."""
+        onset = np.asarray(onset)
+        block = {"onset": onset, "frame": frame, "velocity": velocity, "offset": offset}
+        for name, array in block.items():
+            if array is not None and (np.ndim(array) != 2 or np.shape(array)[1] != NUM_KEYS or np.shape(array) != onset.shape):
+                raise ValueError(f"{name} activation must be (frames, {NUM_KEYS}) like onset {onset.shape}, got {np.shape(array)}")
+        block = {name: np.asarray(array) for name, array in block.items() if array is not None}
+        if self._pending and set(block) != set(self._pending):
+            raise ValueError(f"every block needs the same heads: got {sorted(block)} after {sorted(self._pending)}")
+        self._pending = ({name: np.concatenate([self._pending[name], array]) for name, array in block.items()}
+                         if self._pending else block)
+        self._decode(final=False)
+
+    def finish(self) -> np.ndarray:
+        """The notes of everything pushed, ``(N, 4)`` (onset s, offset s, MIDI pitch, velocity)."""
+        if not self._pending:
+            return empty_notes()
+        self._decode(final=True)
+        ended = np.concatenate(self._ended) if self._ended else np.zeros((0, 4))
+        notes = np.stack([ended[:, 0] / self.frame_rate, ended[:, 1] / self.frame_rate, ended[:, 2] + MIN_MIDI,
+                          ended[:, 3]], axis=1)  # (N, 4)
+        notes = notes[(notes[:, 1] - notes[:, 0]) >= self.config.min_note_seconds - 1e-9]
+        return notes[np.lexsort((notes[:, 2], notes[:, 0]))]
+
+    def _decode(self, final: bool) -> None:
+        """Find the notes that start, and the ends of those that stop, between the frontier and the
+        last settled frame (the last frame pushed, once ``final``); then keep only the context."""
+        pending, config = self._pending, self.config
+        known = len(pending["onset"])
+        settled = known if final else known - UNSETTLED_FRAMES  # pending index
+        low = self._frontier - self._pending_from
+        if settled <= low and not final:
+            return
+        starts, ends = _note_boundaries(pending["onset"], pending["frame"], pending.get("offset"), config)  # (88, known)
+        # Key-major, one extra column per key that always "ends": past the settled frames, so one
+        # flat searchsorted finds each note's end without running into the next key.
+        row = settled - low + 1
+        ends_row = np.ones((NUM_KEYS, row), dtype=bool)
+        ends_row[:, :-1] = ends[:, low:settled]
+        ends_flat = np.flatnonzero(ends_row)
+        new_keys, new_columns = np.nonzero(starts[:, low:settled])
+        if "velocity" in pending:
+            struck = pending["velocity"][low + new_columns, new_keys].astype(np.float64)
+            new_velocities = np.clip(np.rint(struck * 127), 1, 127)
+        else:
+            new_velocities = np.full(len(new_keys), DEFAULT_VELOCITY, dtype=np.float64)
+        new = np.stack([new_keys, new_columns + self._frontier, new_velocities], axis=1).astype(np.float64)
+        # A sounding note ends at its key's first end from the frontier; a new one after its onset.
+        positions = np.concatenate([self._sounding[:, 0].astype(np.int64) * row - 1, new_keys * row + new_columns])
+        notes = np.concatenate([self._sounding, new])  # (N, 3) key, onset frame, velocity
+        stop_columns = ends_flat[np.searchsorted(ends_flat, positions, side="right")] - notes[:, 0].astype(np.int64) * row
+        ended = (stop_columns < row - 1) | final  # the extra column: still sounding, or the input's end
+        stops = self._frontier + stop_columns
+        self._ended.append(np.stack([notes[ended, 1], stops[ended], notes[ended, 0], notes[ended, 2]], axis=1))
+        self._sounding = notes[~ended]
+        self._frontier += settled - low
+        drop = max(0, self._frontier - CONTEXT_FRAMES - self._pending_from)
+        self._pending = {name: array[drop:] for name, array in pending.items()}
+        self._pending_from += drop
+
+
+def _note_boundaries(onset: np.ndarray, frame: np.ndarray, offset: np.ndarray | None,
+                     config: DecodeConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(note starts, note ends), key-major bool (88, T) each: a note starts on the first frame of an
+    onset run and lasts until, exclusively, the next frame that ends it (inactive, or a re-strike,
+    or offset reached)."""
+    onset_high = onset.T >= config.onset_threshold  # (88, T)
     if config.frame_onset_threshold is not None:
         frames, keys = _frame_supported_onsets(onset, frame, config)
         onset_high[keys, frames] = True
     onset_start = onset_high.copy()
     onset_start[:, 1:] &= ~onset_high[:, :-1]  # first frame of each above-threshold run
-    active = np.zeros_like(onset_high)
-    active[:, :-1] = (frame.T >= config.frame_threshold) | onset_high[:, :-1]
+    active = (frame.T >= config.frame_threshold) | onset_high
     ends_note = ~active | onset_start
     if offset is not None and config.offset_threshold is not None:
-        ends_note[:, :-1] |= np.asarray(offset).T >= config.offset_threshold
-
-    starts_flat = np.flatnonzero(onset_start)  # key-major: key * (T+1) + frame
-    ends_flat = np.flatnonzero(ends_note)
-    stops_flat = ends_flat[np.searchsorted(ends_flat, starts_flat, side="right")]
-    keys, start_frames = np.divmod(starts_flat, num_frames + 1)
-    stop_frames = stops_flat - keys * (num_frames + 1)
-
-    if velocity is None:
-        velocities = np.full(len(keys), DEFAULT_VELOCITY, dtype=np.float64)
-    else:
-        velocities = np.clip(np.rint(np.asarray(velocity, dtype=np.float64)[start_frames, keys] * 127), 1, 127)
-    notes = np.stack([start_frames / frame_rate, stop_frames / frame_rate, (keys + MIN_MIDI).astype(np.float64),
-                      velocities], axis=1)  # (N, 4)
-    notes = notes[(notes[:, 1] - notes[:, 0]) >= config.min_note_seconds - 1e-9]
-    return notes[np.lexsort((notes[:, 2], notes[:, 0]))]
+        ends_note |= offset.T >= config.offset_threshold
+    return onset_start, ends_note
 
 
 def _frame_supported_onsets(onset: np.ndarray, frame: np.ndarray, config: DecodeConfig) -> tuple[np.ndarray, np.ndarray]:

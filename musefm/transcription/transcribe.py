@@ -4,9 +4,10 @@ For each input: ``STEM.mid``, ``STEM.csv`` (onset,offset,pitch,velocity in secon
 (piano roll); ``--sonify`` adds ``STEM.sonified.wav`` (the MIDI rendered back with a soundfont).
 A file that cannot be read is reported in ``rejected.jsonl`` and the batch goes on.
 
-Audio is read in chunks and turned into log-mel frames as it streams in (``log_mel_for_file``), so
-memory does not depend on the audio's sample count; the network then runs over overlapping windows
-of frames (``Transcriber.activations``).
+Audio is read in chunks and turned into log-mel frames as it streams in (``iter_log_mel``), the
+network runs over overlapping windows of those frames as they arrive (``Transcriber.iter_activations``)
+and the notes are decoded window by window (``NoteDecoder``), so memory does not depend on the
+recording's length.
 Without ``--model`` the small piano model shipped inside the package is used.
 """
 
@@ -103,20 +104,24 @@ class Transcription:
 
 
 def transcribe_file(model, path: Path, decode=None, chunk_seconds: float = 60.0) -> Transcription:
-    """Notes of one audio file. Raises BadInputError naming the file when it cannot be used."""
-    from musefm.audio.features import log_mel_for_file
-    from musefm.transcription.postprocess import activations_to_notes
+    """Notes of one audio file. Raises BadInputError naming the file when it cannot be used.
+
+    Audio, log-mel frames, activations and decoding all stream, so memory stays flat however long
+    the recording is; the notes equal those of decoding the whole file's activations at once."""
+    from musefm.audio.features import iter_log_mel
+    from musefm.transcription.postprocess import NoteDecoder
 
     started = time.perf_counter()
     config = model.config
-    mel = log_mel_for_file(path, config.mel_config(), chunk_seconds=chunk_seconds)  # (T, n_mels), streamed
+    decoder = NoteDecoder(config.frame_rate, decode or getattr(model, "decode_config", None))
+    frames = 0
+    mel_blocks = (torch.from_numpy(block) for block in iter_log_mel(path, config.mel_config(), chunk_seconds))
     with torch.inference_mode():
-        heads = model.activations(torch.from_numpy(mel))
-    decode = decode or getattr(model, "decode_config", None)
-    notes = activations_to_notes(heads["onset"], heads["frame"], config.frame_rate, velocity=heads["velocity"],
-                                 config=decode)
-    audio_seconds = (len(mel) - 1) * config.hop_length / config.sample_rate
-    return Transcription(notes, audio_seconds, time.perf_counter() - started)
+        for heads in model.iter_activations(mel_blocks):  # {head: (frames, 88)}
+            decoder.push(heads["onset"], heads["frame"], velocity=heads["velocity"])
+            frames += len(heads["onset"])
+    audio_seconds = (frames - 1) * config.hop_length / config.sample_rate
+    return Transcription(decoder.finish(), audio_seconds, time.perf_counter() - started)
 
 
 def _unique_stems(paths: list[Path]) -> list[str]:
