@@ -228,7 +228,7 @@ def iter_log_mel(path, config: MelConfig | None = None, chunk_seconds: float = 6
     second = next(chunks, None)
     if second is None:  # one chunk is the whole file: no streaming needed
         with torch.no_grad():
-            yield module(torch.from_numpy(first)).numpy().astype(np.float32, copy=False)
+            yield module(torch.from_numpy(first)).numpy()
         return
     buffer = np.concatenate([first[half:0:-1], first])  # left reflect pad, as torch does
 
@@ -239,8 +239,7 @@ def iter_log_mel(path, config: MelConfig | None = None, chunk_seconds: float = 6
             return None, samples
         used = torch.from_numpy(samples[: (frames - 1) * hop + config.n_fft]).unsqueeze(0)  # (1, samples)
         with torch.no_grad():
-            block = module.from_padded(used)[0].numpy().astype(np.float32, copy=False)  # (frames, n_mels)
-        return block, samples[frames * hop:]
+            return module.from_padded(used)[0].numpy(), samples[frames * hop:]  # (frames, n_mels) float32
 
     signal_end = first[-(half + 1):]  # the last half + 1 samples so far, for the right reflect pad
     for chunk in itertools.chain([second], chunks):  # lazily: a list would hold the whole file

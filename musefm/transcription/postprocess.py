@@ -100,12 +100,12 @@ class NoteDecoder:
     def push(self, onset: np.ndarray, frame: np.ndarray, velocity: np.ndarray | None = None,
              offset: np.ndarray | None = None) -> None:
         """Add the next ``(frames, 88)`` block of every head (the same heads each time)."""
-        onset = np.asarray(onset)
-        block = {"onset": onset, "frame": frame, "velocity": velocity, "offset": offset}
+        given = {"onset": onset, "frame": frame, "velocity": velocity, "offset": offset}
+        block = {name: np.asarray(array) for name, array in given.items() if array is not None}
+        shape = block["onset"].shape
         for name, array in block.items():
-            if array is not None and (np.ndim(array) != 2 or np.shape(array)[1] != NUM_KEYS or np.shape(array) != onset.shape):
-                raise ValueError(f"{name} activation must be (frames, {NUM_KEYS}) like onset {onset.shape}, got {np.shape(array)}")
-        block = {name: np.asarray(array) for name, array in block.items() if array is not None}
+            if array.ndim != 2 or array.shape[1] != NUM_KEYS or array.shape != shape:
+                raise ValueError(f"{name} activation must be (frames, {NUM_KEYS}) like onset {shape}, got {array.shape}")
         if self._pending and set(block) != set(self._pending):
             raise ValueError(f"every block needs the same heads: got {sorted(block)} after {sorted(self._pending)}")
         self._pending = ({name: np.concatenate([self._pending[name], array]) for name, array in block.items()}
@@ -116,8 +116,8 @@ class NoteDecoder:
         """The notes of everything pushed, ``(N, 4)`` (onset s, offset s, MIDI pitch, velocity)."""
         if not self._pending:
             return empty_notes()
-        self._decode(final=True)
-        ended = np.concatenate(self._ended) if self._ended else np.zeros((0, 4))
+        self._decode(final=True)  # always adds a block to _ended
+        ended = np.concatenate(self._ended)
         notes = np.stack([ended[:, 0] / self.frame_rate, ended[:, 1] / self.frame_rate, ended[:, 2] + MIN_MIDI,
                           ended[:, 3]], axis=1)  # (N, 4)
         notes = notes[(notes[:, 1] - notes[:, 0]) >= self.config.min_note_seconds - 1e-9]
