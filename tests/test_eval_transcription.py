@@ -73,6 +73,31 @@ def test_frame_scores_count_sounding_cells():
     assert scores["frame_recall"] == pytest.approx(multipitch["Recall"])
 
 
+def test_note_errors_put_each_miss_and_false_note_in_its_class():
+    from musefm.evaluation.transcription import note_errors
+
+    reference = np.array([
+        [0.0, 1.0, 48, 100],  # C3, found
+        [0.0, 1.0, 60, 40],   # C4 an octave above it, at once: missed "on a partial"
+        [0.0, 1.0, 55, 80],   # G3, doubled by the next: one found, one missed "doubled unison"
+        [0.02, 1.0, 55, 80],
+        [2.0, 3.0, 50, 80],   # D3 alone: missed "other"
+        [4.0, 6.0, 62, 80],   # D4, found, then split by a false re-strike at 5.0: "same key"
+    ])
+    estimate = np.array([
+        [0.01, 1.0, 48, 90], [0.0, 1.0, 55, 80], [4.0, 5.0, 62, 80],
+        [5.0, 6.0, 62, 60],   # false: same key as the sounding D4
+        [0.03, 0.5, 67, 50],  # false: G4, the twelfth above C3 (its 3rd partial)
+        [3.5, 3.8, 70, 50],   # false: nothing sounds
+    ])
+    errors = note_errors(reference, estimate)
+    assert sorted(errors["missed"]) == [("doubled unison", 55), ("on a partial", 60), ("other", 50)]
+    assert sorted(errors["false"]) == [("on a partial", 67), ("other", 70), ("same key", 62)]
+    assert note_errors(reference, estimate[:0])["missed"] == [
+        ("other", 48), ("on a partial", 60), ("doubled unison", 55), ("doubled unison", 55),
+        ("other", 50), ("other", 62)]  # nothing found: C3 has no note below it
+
+
 def test_empty_inputs():
     nothing = np.zeros((0, 4))
     with warnings.catch_warnings():

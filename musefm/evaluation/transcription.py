@@ -99,6 +99,50 @@ def score_notes(ref_notes: np.ndarray, est_notes: np.ndarray, onset_tolerance: f
     return result
 
 
+def note_errors(ref_notes: np.ndarray, est_notes: np.ndarray, onset_tolerance: float = 0.05) -> dict[str, list]:
+    """Where the errors of note F1 lie: ``{"missed": [(class, key), ...], "false": [(class, key), ...]}``
+    with one entry per missed reference note and per false positive (MIDI key), matched as note F1 is
+    (mir_eval, onset within ``onset_tolerance``, offsets ignored). Classes, first that applies:
+
+    - missed "doubled unison": another reference note starts on its key within the tolerance (two
+      written voices on one key sound as one: no transcriber can split them);
+    - "on a partial": a reference note sounding at its onset (or starting within the tolerance) has
+      a 2nd..6th partial on its key (``labels.HARMONIC_INTERVALS`` semitones above it);
+    - false positive "same key": a reference note on its key sounds then (a held note split or re-struck);
+    - "other".
+    """
+    import mir_eval
+
+    from musefm.transcription.labels import HARMONIC_INTERVALS
+
+    reference, estimate = _scorable(ref_notes), _scorable(est_notes)
+    pairs = mir_eval.transcription.match_notes(
+        reference[:, :2], mir_eval.util.midi_to_hz(reference[:, 2]), estimate[:, :2],
+        mir_eval.util.midi_to_hz(estimate[:, 2]), onset_tolerance=onset_tolerance, offset_ratio=None)
+    if not len(reference) or not len(estimate):
+        pairs = []
+
+    def intervals_above_sounding(key: float, time: float, exclude: int = -1) -> np.ndarray:
+        sounding = (reference[:, 0] <= time + onset_tolerance) & (reference[:, 1] > time)
+        if exclude >= 0:
+            sounding[exclude] = False
+        return np.rint(key - reference[sounding, 2])
+
+    missed = []
+    for i in sorted(set(range(len(reference))) - {i for i, _ in pairs}):
+        onset, key = reference[i, 0], reference[i, 2]
+        unisons = np.count_nonzero((reference[:, 2] == key) & (np.abs(reference[:, 0] - onset) <= onset_tolerance))
+        partial = np.isin(intervals_above_sounding(key, onset, exclude=i), HARMONIC_INTERVALS).any()
+        missed.append(("doubled unison" if unisons > 1 else "on a partial" if partial else "other", int(key)))
+    false = []
+    for j in sorted(set(range(len(estimate))) - {j for _, j in pairs}):
+        intervals = intervals_above_sounding(estimate[j, 2], estimate[j, 0])
+        kind = ("on a partial" if np.isin(intervals, HARMONIC_INTERVALS).any() else
+                "same key" if (intervals == 0).any() else "other")
+        false.append((kind, int(estimate[j, 2])))
+    return {"missed": missed, "false": false}
+
+
 def load_notes(path: Path, apply_sustain: bool = True) -> np.ndarray:
     """Notes (N, 4) from a MIDI file or a notes CSV (``write_notes_csv``); ``BadInputError`` if unreadable."""
     from musefm.transcription.labels import notes_from_midi
