@@ -199,6 +199,58 @@ def test_a_widened_model_starts_as_the_narrow_one_then_its_new_units_train(kind,
     assert grown.onset_head.weight[:, 8:12].abs().sum() > 0 and grown.velocity_head.weight[:, 16:].abs().sum() > 0
 
 
+def test_harmonic_stacking_puts_the_band_at_each_multiple_beside_each_band():
+    from musefm.audio.features import hz_to_mel, mel_to_hz
+    from musefm.models.transcriber import HarmonicStack
+
+    config = config_from_preset("debug", harmonics=(0.5, 2, 3))
+    stack = HarmonicStack(config.mel_config(), config.harmonics)
+    edges = hz_to_mel(np.array([config.fmin, config.fmax]))
+    centres = mel_to_hz(np.linspace(edges[0], edges[1], config.n_mels + 2)[1:-1])  # (n_mels,) Hz
+    mel = torch.arange(config.n_mels, dtype=torch.float32).expand(1, 3, -1)  # band b holds the value b
+    stacked = stack(mel)  # (1, 3, n_mels, 4)
+    assert stacked.shape == (1, 3, config.n_mels, 4) and torch.equal(stacked[..., 0], mel)
+    centres_mel = hz_to_mel(centres)
+    half_step = 0.5 * (centres_mel[1] - centres_mel[0])
+    for channel, harmonic in enumerate(config.harmonics, start=1):
+        for band in range(config.n_mels):
+            target = hz_to_mel(harmonic * centres[band])
+            if centres_mel[0] - half_step < target < centres_mel[-1] + half_step:  # the nearest band's value
+                expected = float(np.abs(centres_mel - target).argmin())
+            else:  # past the filterbank: silence
+                expected = stack.silence
+            assert stacked[0, 0, band, channel].item() == pytest.approx(expected), (band, harmonic)
+    assert (stacked[0, 0, :, 3] < 0).sum() > config.n_mels // 4  # 3x of the top bands: silence
+    with pytest.raises(MusefmError, match="harmonics"):
+        config_from_preset("debug", harmonics=(2, 1))
+
+
+@pytest.mark.parametrize("onset_stack", [False, True])
+def test_a_model_grown_to_read_harmonics_starts_as_before_then_learns_from_them(onset_stack, tmp_path):
+    torch.manual_seed(0)
+    model = Transcriber(config_from_preset("debug", onset_stack=onset_stack)).eval()
+    grown = model.with_harmonics([0.5, 2, 3]).eval()
+    assert grown.config.harmonics == (0.5, 2.0, 3.0)
+    mel = model.mel(torch.randn(16000))[None]  # (1, 51, n_mels)
+    with torch.no_grad():
+        before, after = model(mel=mel), grown(mel=mel)
+    for name in before:
+        assert torch.allclose(before[name], after[name], atol=1e-6), name
+    with pytest.raises(MusefmError, match="already reads"):
+        grown.with_harmonics([2])
+    grown.save_pretrained(tmp_path / "m")  # the harmonics survive config.json
+    loaded = load_transcriber(tmp_path / "m").eval()
+    assert loaded.config.harmonics == (0.5, 2.0, 3.0)
+    with torch.no_grad():
+        assert torch.allclose(loaded(mel=mel)["onset"], after["onset"])
+    # One step moves the new input channels' weights off zero.
+    grown.train()
+    grown(mel=mel)["onset"].sum().backward()
+    torch.optim.SGD(grown.parameters(), lr=0.1).step()
+    stack = grown.onset_acoustic if onset_stack else grown.acoustic
+    assert stack.convs[0].weight[:, 1:].abs().sum() > 0
+
+
 def test_the_model_learns_a_batch():
     from musefm.transcription.labels import notes_to_targets
 
@@ -426,6 +478,12 @@ def test_fine_tuning_starts_from_the_given_model(audio_data, tmp_path):
     assert torch.equal(grown_start.acoustic.project[0].weight[:16], before.acoustic.project[0].weight)
     assert torch.allclose(grown_start.acoustic.project[0].weight, after.acoustic.project[0].weight, atol=1e-6)
     assert torch.allclose(after.acoustic.project[0].weight[:16], before.acoustic.project[0].weight, atol=1e-6)
+    # Harmonic stacking while fine-tuning: the first convs gain zero-weighted channels.
+    stacked = dataclasses.replace(config, out=str(tmp_path / "harmonics"), model_settings={"harmonics": [0.5, 2]})
+    main(stacked, stream=open(os.devnull, "w"))
+    after = load_transcriber(tmp_path / "harmonics" / "checkpoints" / "step-00000001")
+    assert after.config.harmonics == (0.5, 2.0)
+    assert torch.allclose(after.acoustic.convs[0].weight[:, :1], before.acoustic.convs[0].weight, atol=1e-6)
     with pytest.raises(MusefmError, match="only onset_stack"):
         dataclasses.replace(config, model_settings={"conv_channels": 32}).validate()
     with pytest.raises(MusefmError, match="masked_note_weight"):

@@ -131,7 +131,7 @@ class TranscriberEmbedding(WindowedEmbedding):
         device = next(self.model.parameters()).device
         with torch.inference_mode():
             mel = self.model.mel(torch.from_numpy(windows).to(device))  # (W, T, n_mels)
-            return self.model.acoustic(mel).mean(dim=1).float().cpu().numpy()  # (W, d_model)
+            return self.model.acoustic_features(mel).mean(dim=1).float().cpu().numpy()  # (W, d_model)
 
 
 def embed_file(embedding: AudioEmbedding, path, chunk_seconds: float = 60.0) -> np.ndarray:

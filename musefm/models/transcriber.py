@@ -16,6 +16,7 @@ computed in training, on a GPU, and at inference, and a saved model carries its 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Literal
 
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from musefm.audio.features import LogMelSpectrogram, MelConfig
+from musefm.audio.features import LogMelSpectrogram, MelConfig, hz_to_mel, mel_to_hz
 from musefm.errors import MusefmError
 from musefm.models.base import PretrainedModel, config_from_presets
 
@@ -48,6 +49,10 @@ class TranscriberConfig:
     rnn_hidden: int = 128  # per direction
     sequence_model: Literal["gru", "lstm"] = "gru"
     onset_stack: bool = False  # the onset head gets a conv stack of its own, as in Onsets and Frames
+    # Harmonic stacking (as basic-pitch's HCQT): beside each mel band, the bands at these multiples of
+    # its frequency (0.5: an octave below, 3: a twelfth above) as extra input channels, so the 3x3
+    # convs can weigh a band against the notes whose partials would land on it. () = the plain log-mel.
+    harmonics: tuple[float, ...] = ()
     dropout: float = 0.2
     # Loss
     onset_weight: float = 1.0
@@ -75,6 +80,9 @@ class TranscriberConfig:
             raise MusefmError(f"sequence_model: must be 'gru' or 'lstm', got {self.sequence_model!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise MusefmError(f"dropout: must be in [0, 1), got {self.dropout}")
+        self.harmonics = tuple(float(h) for h in self.harmonics)
+        if any(h <= 0 or h == 1.0 for h in self.harmonics) or len(set(self.harmonics)) < len(self.harmonics):
+            raise MusefmError(f"harmonics: distinct positive multiples other than 1, got {list(self.harmonics)}")
 
 
 PRESETS = {
@@ -90,14 +98,43 @@ def config_from_preset(name: str, **overrides) -> TranscriberConfig:
     return config
 
 
+class HarmonicStack(nn.Module):
+    """(B, T, n_mels) log-mel -> (B, T, n_mels, 1 + H): each band, then the band nearest (on the mel
+    scale) to each multiple of its centre frequency; a multiple past the filterbank reads silence."""
+
+    def __init__(self, mel: MelConfig, harmonics: tuple[float, ...]):
+        super().__init__()
+        self.silence = math.log(mel.log_floor)
+        edges = hz_to_mel(np.array([mel.fmin, mel.fmax]))
+        centres_mel = np.linspace(edges[0], edges[1], mel.n_mels + 2)[1:-1]  # (n_mels,) as mel_filterbank
+        step = centres_mel[1] - centres_mel[0]
+        sources = []
+        for harmonic in harmonics:
+            position = (hz_to_mel(harmonic * mel_to_hz(centres_mel)) - centres_mel[0]) / step  # (n_mels,)
+            nearest = np.rint(position).astype(np.int64)
+            nearest[(nearest < 0) | (nearest >= mel.n_mels)] = mel.n_mels  # the silent column appended below
+            sources.append(nearest)
+        self.register_buffer("sources", torch.as_tensor(np.stack(sources)).reshape(-1) if sources
+                             else torch.zeros(0, dtype=torch.long), persistent=False)  # (H * n_mels,)
+        self.channels = 1 + len(harmonics)
+
+    def forward(self, mel: torch.Tensor) -> torch.Tensor:
+        batch, frames, bands = mel.shape
+        if self.channels == 1:
+            return mel.unsqueeze(-1)  # (B, T, n_mels, 1)
+        padded = F.pad(mel, (0, 1), value=self.silence)  # (B, T, n_mels + 1)
+        moved = padded[..., self.sources].reshape(batch, frames, self.channels - 1, bands)  # (B, T, H, n_mels)
+        return torch.cat([mel.unsqueeze(2), moved], dim=2).transpose(2, 3)  # (B, T, n_mels, 1 + H)
+
+
 class ConvStack(nn.Module):
     """Three 3x3 conv layers over (time, mel) with two frequency poolings, then a linear layer."""
 
-    def __init__(self, n_mels: int, channels: int, d_model: int, dropout: float):
+    def __init__(self, n_mels: int, channels: int, d_model: int, dropout: float, in_channels: int = 1):
         super().__init__()
         wide = 2 * channels
         self.convs = nn.Sequential(
-            nn.Conv2d(1, channels, 3, padding=1), nn.BatchNorm2d(channels), nn.ReLU(),
+            nn.Conv2d(in_channels, channels, 3, padding=1), nn.BatchNorm2d(channels), nn.ReLU(),
             nn.Conv2d(channels, channels, 3, padding=1), nn.BatchNorm2d(channels), nn.ReLU(),
             nn.MaxPool2d((1, 2)), nn.Dropout(dropout),
             nn.Conv2d(channels, wide, 3, padding=1), nn.BatchNorm2d(wide), nn.ReLU(),
@@ -105,15 +142,18 @@ class ConvStack(nn.Module):
         )
         self.project = nn.Sequential(nn.Linear(wide * (n_mels // 4), d_model), nn.Dropout(dropout))
 
-    def forward(self, mel: torch.Tensor) -> torch.Tensor:
-        batch, frames, _ = mel.shape
-        if mel.device.type == "cpu":  # oneDNN's NHWC kernels: 1.4x faster training, 1.6x inference on CPU
+    def forward(self, stacked: torch.Tensor) -> torch.Tensor:
+        """(B, T, n_mels, in_channels) -> (B, T, d_model); a plain log-mel may come as (B, T, n_mels)."""
+        if stacked.dim() == 3:
+            stacked = stacked.unsqueeze(-1)  # (B, T, n_mels, 1)
+        batch, frames = stacked.shape[:2]
+        image = stacked.permute(0, 3, 1, 2)  # (B, C, T, n_mels)
+        if stacked.device.type == "cpu":  # oneDNN's NHWC kernels: 1.4x faster training, 1.6x inference on CPU
             # Channels-last strides spelled out (channel stride 1): with one channel, a row-major
             # mel.unsqueeze(1) already counts as channels-last, yet oneDNN then takes its NCHW path.
-            image = mel.unsqueeze(-1).permute(0, 3, 1, 2)  # (B, 1, T, n_mels)
             image = image.contiguous(memory_format=torch.channels_last)
         else:
-            image = mel.unsqueeze(1)  # (B, 1, T, n_mels)
+            image = image.contiguous()
         # Pure inference (eval mode, no autograd): batch norm folded into the convs. With autograd on,
         # the real layers run, so gradients reach the model's own weights.
         inference = not (self.training or torch.is_grad_enabled())
@@ -160,8 +200,10 @@ class Transcriber(PretrainedModel):
         config.validate()
         self.config = config
         self.mel = LogMelSpectrogram(config.mel_config())
-        self.acoustic = ConvStack(config.n_mels, config.conv_channels, config.d_model, config.dropout)
-        self.onset_acoustic = (ConvStack(config.n_mels, config.conv_channels, config.d_model, config.dropout)
+        self.harmonic_stack = HarmonicStack(config.mel_config(), config.harmonics)
+        stack = dict(in_channels=self.harmonic_stack.channels)
+        self.acoustic = ConvStack(config.n_mels, config.conv_channels, config.d_model, config.dropout, **stack)
+        self.onset_acoustic = (ConvStack(config.n_mels, config.conv_channels, config.d_model, config.dropout, **stack)
                                if config.onset_stack else None)
         width = 2 * config.rnn_hidden
         self.onset_rnn = BiRNN(config.d_model, config.rnn_hidden, config.sequence_model)
@@ -180,8 +222,9 @@ class Transcriber(PretrainedModel):
         """Logits of every head, (B, T, 88) each; give the waveform (B, samples) or its log-mel."""
         if mel is None:
             mel = self.mel(audio)  # (B, T, n_mels)
-        features = self.acoustic(mel)  # (B, T, d_model)
-        onset_features = self.onset_acoustic(mel) if self.onset_acoustic is not None else features
+        stacked = self.harmonic_stack(mel)  # (B, T, n_mels, 1 + len(harmonics))
+        features = self.acoustic(stacked)  # (B, T, d_model)
+        onset_features = self.onset_acoustic(stacked) if self.onset_acoustic is not None else features
         onset = self.onset_head(self.onset_rnn(onset_features))  # (B, T, 88)
         offset = self.offset_head(self.offset_rnn(features))  # (B, T, 88)
         # The frame head sees the onset/offset predictions but does not train them.
@@ -190,6 +233,10 @@ class Transcriber(PretrainedModel):
         frame = self.frame_head(self.frame_rnn(frame_input))  # (B, T, 88)
         velocity = self.velocity_head(features)  # (B, T, 88)
         return {"onset": onset, "offset": offset, "frame": frame, "velocity": velocity}
+
+    def acoustic_features(self, mel: torch.Tensor) -> torch.Tensor:
+        """The shared conv stack's features of a log-mel: (B, T, n_mels) -> (B, T, d_model)."""
+        return self.acoustic(self.harmonic_stack(mel))
 
     def loss(self, batch: dict) -> tuple[torch.Tensor, dict, None]:
         """Onset/offset/frame BCE + velocity MSE at onsets; batch holds ``audio`` (B, samples) and
@@ -269,6 +316,20 @@ class Transcriber(PretrainedModel):
         grown = Transcriber(dataclasses.replace(self.config, onset_stack=True))
         copied = {f"onset_acoustic.{key}": value for key, value in self.acoustic.state_dict().items()}
         grown.load_state_dict({**self.state_dict(), **copied})
+        return grown.train(self.training)
+
+    def with_harmonics(self, harmonics) -> "Transcriber":
+        """This model grown to read harmonic stacking (``TranscriberConfig.harmonics``): the first conv of
+        each stack gains an input channel per harmonic, with zero weights, so it transcribes exactly as
+        this one until fine-tuning learns what the new channels tell."""
+        if self.config.harmonics:
+            raise MusefmError(f"with_harmonics: the model already reads harmonics {list(self.config.harmonics)}")
+        grown = Transcriber(dataclasses.replace(self.config, harmonics=tuple(harmonics)))
+        state = self.state_dict()
+        for name, value in grown.state_dict().items():
+            if name.endswith("convs.0.weight"):  # (channels, 1 + H, 3, 3): the old plain-mel channel first
+                state[name] = torch.cat([state[name], torch.zeros_like(value[:, 1:])], dim=1)
+        grown.load_state_dict(state)
         return grown.train(self.training)
 
     def widened(self, d_model: int | None = None, rnn_hidden: int | None = None, seed: int = 0) -> "Transcriber":

@@ -26,7 +26,7 @@ from musefm.training.trainer import TrainConfig
 
 
 # Settings a fine-tune (init_from) may change: each grows the model so it starts out transcribing as before.
-GROWABLE = {"onset_stack", "d_model", "rnn_hidden"}
+GROWABLE = {"onset_stack", "d_model", "rnn_hidden", "harmonics"}
 
 
 @dataclass
@@ -57,7 +57,7 @@ class TranscriberTrainConfig:
         if self.init_from and set(self.model_settings) - GROWABLE:
             raise MusefmError("init_from: the model keeps its own config; of model_settings only onset_stack "
                               "(grow an onset conv stack copied from the shared one), d_model and rnn_hidden "
-                              "(widen it: Transcriber.widened) can be given")
+                              "(widen it: Transcriber.widened) and harmonics (Transcriber.with_harmonics) can be given")
         if self.masked_note_weight <= 0:
             raise MusefmError(f"masked_note_weight: must be positive, got {self.masked_note_weight}")
         if self.final_split not in ("", "train", "valid", "test"):
@@ -89,6 +89,8 @@ def main(config: TranscriberTrainConfig, resume: bool = False, overwrite: bool =
         widths = {key: config.model_settings[key] for key in ("d_model", "rnn_hidden") if key in config.model_settings}
         if widths:
             start = start.widened(**widths, seed=config.train.seed)
+        if config.model_settings.get("harmonics") and not start.config.harmonics:
+            start = start.with_harmonics(config.model_settings["harmonics"])
         model_config = start.config
     else:
         model_config = config_from_preset(config.preset, **config.model_settings)
