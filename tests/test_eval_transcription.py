@@ -96,6 +96,7 @@ def test_note_errors_put_each_miss_and_false_note_in_its_class():
     assert note_errors(reference, estimate[:0])["missed"] == [
         ("other", 48), ("on a partial", 60), ("doubled unison", 55), ("doubled unison", 55),
         ("other", 50), ("other", 62)]  # nothing found: C3 has no note below it
+    assert note_errors(reference[:0], estimate[:1]) == {"missed": [], "false": [("other", 48)]}
 
 
 def test_empty_inputs():

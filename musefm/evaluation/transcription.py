@@ -118,9 +118,8 @@ def note_errors(ref_notes: np.ndarray, est_notes: np.ndarray, onset_tolerance: f
     reference, estimate = _scorable(ref_notes), _scorable(est_notes)
     pairs = mir_eval.transcription.match_notes(
         reference[:, :2], mir_eval.util.midi_to_hz(reference[:, 2]), estimate[:, :2],
-        mir_eval.util.midi_to_hz(estimate[:, 2]), onset_tolerance=onset_tolerance, offset_ratio=None)
-    if not len(reference) or not len(estimate):
-        pairs = []
+        mir_eval.util.midi_to_hz(estimate[:, 2]), onset_tolerance=onset_tolerance,
+        offset_ratio=None) if len(reference) and len(estimate) else []
 
     def intervals_above_sounding(key: float, time: float, exclude: int = -1) -> np.ndarray:
         sounding = (reference[:, 0] <= time + onset_tolerance) & (reference[:, 1] > time)
