@@ -20,6 +20,10 @@
 #   python scripts/gpu_subset.py data/piano-audio,data/piano-salamander,data/piano-gmfree .gpudata/piano-6 7 44
 #   DATA=.gpudata/piano-6 INIT=shipped LR=0.0003 LIMIT=540 \
 #     EXTRA="model_settings.d_model=512 model_settings.rnn_hidden=256" bash scripts/gpu_train_transcriber.sh
+# A model trained from scratch there (INIT= , so the preset; hours, not minutes) should read harmonic
+# channels, EXTRA="model_settings.onset_stack=true model_settings.harmonics=[0.25,0.3333333333333333,0.5,2,3]":
+# from scratch they learnt onsets faster on a CPU, while grown into the shipped model a CPU fine-tune
+# left them unused (the model card, stage 17).
 # then average the result with its start (scripts/average_weights.py --float16) and compare it with
 # scripts/compare_transcribers.py before it replaces the shipped model.
 # Earlier stages (1-5) used this recipe without masked_note_weight and the detune / low-pass
