@@ -20,7 +20,7 @@
 #   python scripts/gpu_subset.py data/piano-audio,data/piano-salamander,data/piano-gmfree .gpudata/piano-6 7 44
 #   DATA=.gpudata/piano-6 INIT=shipped LR=0.0003 LIMIT=540 \
 #     EXTRA="model_settings.d_model=512 model_settings.rnn_hidden=256" bash scripts/gpu_train_transcriber.sh
-# A model trained from scratch there (INIT= , so the preset; hours, not minutes) should read harmonic
+# A model trained from scratch there (INIT= set empty: the preset; hours, not minutes) should read harmonic
 # channels, EXTRA="model_settings.onset_stack=true model_settings.harmonics=[0.25,0.3333333333333333,0.5,2,3]":
 # from scratch they learnt onsets faster on a CPU, while grown into the shipped model a CPU fine-tune
 # left them unused (the model card, stage 17).
@@ -32,7 +32,7 @@ T0=$(date +%s)
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-COMMON="--config transcriber_small --data ${DATA:-.gpudata/piano-4} init_from=${INIT:-shipped} masked_note_weight=1.7 \
+COMMON="--config transcriber_small --data ${DATA:-.gpudata/piano-4} init_from=${INIT-shipped} masked_note_weight=1.7 \
  augment.pitch_shift_probability=0.5 augment.pitch_shift_semitones=[-3,5] augment.detune_probability=0.5 \
  augment.lowpass_probability=0.3 augment.graphic_eq_probability=${GRAPHIC_EQ:-0.5} train.batch_size=16 train.loader_threads=14 train.precision=fp32 \
  train.lr=${LR:-0.0003} train.warmup_steps=${WARMUP:-50} final_split= tune_decoding=false $EXTRA"
