@@ -12,7 +12,7 @@ import argparse
 from collections import Counter
 from pathlib import Path
 
-from musefm.evaluation.transcription import load_notes, note_errors
+from musefm.evaluation.transcription import evaluate_transcription_dirs, load_notes, note_errors
 
 
 def main() -> None:
@@ -21,17 +21,17 @@ def main() -> None:
     parser.add_argument("--systems", help="comma-separated (default: every folder under BENCH/pred)")
     args = parser.parse_args()
     systems = args.systems.split(",") if args.systems else sorted(p.name for p in (args.bench / "pred").iterdir())
-    references = sorted((args.bench / "ref").glob("*.csv"))
     for system in systems:
-        errors, total = {"missed": [], "false": []}, 0
-        for path in references:
-            predicted = [p for p in (args.bench / "pred" / system).glob(path.stem + ".*") if p.suffix in (".mid", ".csv")]
-            if not predicted:
-                raise SystemExit(f"{args.bench / 'pred' / system}: no transcription of {path.stem}")
-            reference = load_notes(path)
-            for side, found in note_errors(reference, load_notes(predicted[0])).items():
+        # Files paired (and read) as `musefm evaluate transcription` pairs them for note F1.
+        report = evaluate_transcription_dirs(args.bench / "pred" / system, args.bench / "ref", max_pictures=0)
+        if report.unmatched_ref or report.rejected:
+            raise SystemExit(f"{system}: not every reference has a readable transcription "
+                             f"({(report.unmatched_ref + [item['path'] for item in report.rejected])[0]})")
+        errors = {"missed": [], "false": []}
+        for row in report.files:
+            for side, found in note_errors(load_notes(Path(row["ref"])), load_notes(Path(row["pred"]))).items():
                 errors[side] += found
-            total += len(reference)
+        total = sum(row["ref_notes"] for row in report.files)
         print(f"{system}: {len(errors['missed'])} of {total} reference notes missed, "
               f"{len(errors['false'])} false positives")
         for side, title in (("missed", "missed"), ("false", "false positives")):

@@ -200,13 +200,16 @@ def test_a_widened_model_starts_as_the_narrow_one_then_its_new_units_train(kind,
 
 
 def test_harmonic_stacking_puts_the_band_at_each_multiple_beside_each_band():
-    from musefm.audio.features import hz_to_mel, mel_to_hz
+    from musefm.audio.features import hz_to_mel, mel_band_edges_hz, mel_filterbank
     from musefm.models.transcriber import HarmonicStack
 
     config = config_from_preset("debug", harmonics=(0.5, 2, 3))
     stack = HarmonicStack(config.mel_config(), config.harmonics)
-    edges = hz_to_mel(np.array([config.fmin, config.fmax]))
-    centres = mel_to_hz(np.linspace(edges[0], edges[1], config.n_mels + 2)[1:-1])  # (n_mels,) Hz
+    centres = mel_band_edges_hz(config.n_mels, config.fmin, config.fmax)[1:-1]  # (n_mels,) Hz
+    # They are the filterbank's peaks (to the nearest FFT bin).
+    bank = mel_filterbank(config.sample_rate, config.n_fft, config.n_mels, config.fmin, config.fmax)
+    bin_hz = config.sample_rate / config.n_fft
+    assert np.all(np.abs(bank.argmax(dim=1).numpy() * bin_hz - centres) <= bin_hz)
     mel = torch.arange(config.n_mels, dtype=torch.float32).expand(1, 3, -1)  # band b holds the value b
     stacked = stack(mel)  # (1, 3, n_mels, 4)
     assert stacked.shape == (1, 3, config.n_mels, 4) and torch.equal(stacked[..., 0], mel)

@@ -68,11 +68,17 @@ def mel_to_hz(mel):
     return np.where(mel >= _MEL_BREAK, logarithmic, linear)
 
 
+def mel_band_edges_hz(n_mels: int, fmin: float, fmax: float) -> np.ndarray:
+    """(n_mels + 2,) Hz, evenly spaced on the mel scale: band b rises from edge b, peaks at edge
+    b + 1 (its centre) and falls to edge b + 2."""
+    return mel_to_hz(np.linspace(hz_to_mel(fmin), hz_to_mel(fmax), n_mels + 2))
+
+
 def mel_filterbank(sample_rate: int, n_fft: int, n_mels: int, fmin: float, fmax: float) -> torch.Tensor:
     """Triangular filters evenly spaced on the Slaney mel scale, each scaled to unit area in Hz
     (Slaney normalisation, as librosa's default). Returns (n_mels, n_fft // 2 + 1) float32."""
     bin_hz = np.linspace(0.0, sample_rate / 2, n_fft // 2 + 1)  # (bins,)
-    edges_hz = mel_to_hz(np.linspace(hz_to_mel(fmin), hz_to_mel(fmax), n_mels + 2))  # (n_mels + 2,)
+    edges_hz = mel_band_edges_hz(n_mels, fmin, fmax)  # (n_mels + 2,)
     widths_hz = np.diff(edges_hz)  # (n_mels + 1,)
     offsets = edges_hz[:, None] - bin_hz[None, :]  # (n_mels + 2, bins): edge minus bin frequency
     rising = -offsets[:-2] / widths_hz[:-1, None]  # (n_mels, bins): 0 at left edge, 1 at centre

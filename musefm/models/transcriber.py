@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from musefm.audio.features import LogMelSpectrogram, MelConfig, hz_to_mel, mel_to_hz
+from musefm.audio.features import LogMelSpectrogram, MelConfig, hz_to_mel, mel_band_edges_hz
 from musefm.errors import MusefmError
 from musefm.models.base import PretrainedModel, config_from_presets
 
@@ -105,12 +105,12 @@ class HarmonicStack(nn.Module):
     def __init__(self, mel: MelConfig, harmonics: tuple[float, ...]):
         super().__init__()
         self.silence = math.log(mel.log_floor)
-        edges = hz_to_mel(np.array([mel.fmin, mel.fmax]))
-        centres_mel = np.linspace(edges[0], edges[1], mel.n_mels + 2)[1:-1]  # (n_mels,) as mel_filterbank
+        centres_hz = mel_band_edges_hz(mel.n_mels, mel.fmin, mel.fmax)[1:-1]  # (n_mels,)
+        centres_mel = hz_to_mel(centres_hz)  # evenly spaced
         step = centres_mel[1] - centres_mel[0]
         sources = []
         for harmonic in harmonics:
-            position = (hz_to_mel(harmonic * mel_to_hz(centres_mel)) - centres_mel[0]) / step  # (n_mels,)
+            position = (hz_to_mel(harmonic * centres_hz) - centres_mel[0]) / step  # (n_mels,) in bands
             nearest = np.rint(position).astype(np.int64)
             nearest[(nearest < 0) | (nearest >= mel.n_mels)] = mel.n_mels  # the silent column appended below
             sources.append(nearest)
